@@ -1,0 +1,90 @@
+"""An independent PyTorch OLMo-2 + RePo forward, written from the formulas.
+
+Used to verify conversions (`python -m convert import --verify`) and by the parity
+tests, so it shares no code with the JAX model. It reads a Hugging Face state dict
+(`model.layers.N.self_attn.q_proj.weight`, ...) and a `ModelConfig`-like object.
+RePo layer l: z = final_map(silu(gate_map(x)) * content_map(x)) on the block input
+x, one real position per token and head, used in place of the integer index in
+RoPE for that head's q and k.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (w.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+
+def _inv_freq(cfg) -> tuple[torch.Tensor, float]:
+    dim, base = cfg.head_dim, cfg.rope_theta
+    freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    factor = getattr(cfg, "rope_scaling_factor", 1.0)
+    if factor == 1.0:
+        return freq.float(), 1.0
+    orig = cfg.original_max_position_embeddings
+
+    def cdim(rot):
+        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+    lo = max(math.floor(cdim(cfg.yarn_beta_fast)), 0)
+    hi = min(math.ceil(cdim(cfg.yarn_beta_slow)), dim - 1)
+    hi = hi + 0.001 if lo == hi else hi
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+    return (freq / factor * ramp + freq * (1 - ramp)).float(), 0.1 * math.log(factor) + 1.0
+
+
+def _rotate(x: torch.Tensor, pos: torch.Tensor, cfg) -> torch.Tensor:
+    """x [B, H, T, D]; pos [B, H or 1, T] real-valued positions."""
+    inv, scale = _inv_freq(cfg)
+    ang = pos.float()[..., None] * inv
+    ang = torch.cat([ang, ang], -1)
+    cos, sin = ang.cos() * scale, ang.sin() * scale
+    x1, x2 = x.float().chunk(2, -1)
+    return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+
+
+@torch.no_grad()
+def forward(sd: dict[str, torch.Tensor], cfg, input_ids: torch.Tensor):
+    """Logits [B, T, V] and {RePo layer: positions [B, H, T]} for a HF state dict."""
+    b, t = input_ids.shape
+    h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    eps = cfg.rms_norm_eps
+    x = sd["model.embed_tokens.weight"][input_ids]
+    int_pos = torch.arange(t, dtype=torch.float32)[None, None].expand(b, 1, t)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    positions = {}
+    for i, scheme in enumerate(cfg.layer_schemes):
+        p = f"model.layers.{i}."
+        w = lambda n: sd[p + n + ".weight"]  # noqa: E731
+        q = _rms(x @ w("self_attn.q_proj").T, w("self_attn.q_norm"), eps)
+        k = _rms(x @ w("self_attn.k_proj").T, w("self_attn.k_norm"), eps)
+        v = x @ w("self_attn.v_proj").T
+        q = q.view(b, t, h, hd).transpose(1, 2)
+        k = k.view(b, t, kv, hd).transpose(1, 2)
+        v = v.view(b, t, kv, hd).transpose(1, 2)
+        if scheme == "repo":
+            g = x.float() @ w("self_attn.gate_map").float().T
+            c = x.float() @ w("self_attn.content_map").float().T
+            z = (F.silu(g) * c) @ w("self_attn.final_map").float().T  # [B, T, H]
+            pos = z.transpose(1, 2)
+            positions[i] = pos
+        else:
+            pos = int_pos
+        if scheme != "nope":
+            q, k = _rotate(q, pos, cfg), _rotate(k, pos, cfg)
+        k = k.repeat_interleave(h // kv, dim=1)
+        v = v.repeat_interleave(h // kv, dim=1)
+        att = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(hd)
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        a = (att @ v.float()).to(x.dtype).transpose(1, 2).reshape(b, t, h * hd)
+        hmid = x + _rms(a @ w("self_attn.o_proj").T, w("post_attention_layernorm"), eps)
+        mlp = (F.silu(hmid @ w("mlp.gate_proj").T) * (hmid @ w("mlp.up_proj").T)) @ w("mlp.down_proj").T
+        x = hmid + _rms(mlp, w("post_feedforward_layernorm"), eps)
+    x = _rms(x, sd["model.norm.weight"], eps)
+    head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    return (x @ head.T).float(), positions

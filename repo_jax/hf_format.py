@@ -1,0 +1,163 @@
+"""The one place that knows Hugging Face OLMo-2 / RePo names.
+
+- `config_from_hf` / `config_to_hf`: `config.json` <-> `ModelConfig`.
+- `hf_to_path` / `path_to_hf`: a tensor name <-> our parameter path, with whether the
+  tensor is transposed (torch Linear is [out, in], Flax kernels are [in, out]).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from repo_jax.config import ConfigError, ModelConfig, layer_schemes
+
+REPO_MODE = "swigluex_multihead"
+REPO_MAPS = ("gate_map", "content_map", "final_map")
+_LINEAR = re.compile(r"(_proj|_map)$")
+
+
+class FormatError(ValueError):
+    """A checkpoint or its config cannot be read; the message says where and how to fix it."""
+
+
+# ---- tensor names --------------------------------------------------------------
+def hf_to_path(key: str) -> tuple[tuple[str | int, ...], bool]:
+    """`model.layers.3.self_attn.q_proj.weight` -> (('layers', 3, 'self_attn', 'q_proj',
+    'kernel'), True). Raises FormatError for a name OLMo-2 does not have."""
+    parts = key.split(".")
+    if parts[0] == "model":
+        parts = parts[1:]
+    if not parts or parts[-1] != "weight":
+        raise FormatError(f"unexpected tensor {key!r}: OLMo-2 has only bias-free '.weight' tensors")
+    owner = parts[-2] if len(parts) >= 2 else ""
+    path: list[str | int] = [int(p) if p.isdigit() else p for p in parts[:-1]]
+    if owner == "embed_tokens":
+        return (*path, "embedding"), False
+    if owner == "lm_head" or _LINEAR.search(owner):
+        return (*path, "kernel"), True
+    if owner.endswith("norm") or owner.endswith("layernorm"):
+        return (*path, "weight"), False
+    raise FormatError(f"unexpected tensor {key!r}: not an OLMo-2 or RePo parameter")
+
+
+def path_to_hf(path: tuple[str | int, ...]) -> tuple[str, bool]:
+    """Inverse of `hf_to_path`."""
+    *module, leaf = path
+    name = ".".join(str(p) for p in module) + ".weight"
+    prefix = "" if module[0] == "lm_head" else "model."
+    return prefix + name, leaf == "kernel"
+
+
+# ---- config.json -----------------------------------------------------------------
+def _pe_layers(hf: dict[str, Any], num_layers: int, source: str) -> tuple[int, ...] | None:
+    """RePo layers named by `pe_config`, or None when the config names none."""
+    pe = hf.get("pe_config") or {}
+    mode = pe.get("dynamic_pe_mode")
+    if not mode:
+        return None
+    if mode != REPO_MODE:
+        raise FormatError(f"{source}: pe_config.dynamic_pe_mode={mode!r} is not supported; "
+                          f"only {REPO_MODE!r} (RePo) is")
+
+    def both(name: str, typo: str):
+        a, b = pe.get(name), pe.get(typo)
+        if a is not None and b is not None and a != b:
+            raise FormatError(f"{source}: pe_config.{name}={a!r} disagrees with pe_config.{typo}="
+                              f"{b!r}; make both spellings equal")
+        return a if a is not None else b
+
+    start = both("dynamic_pe_start_layer", "dynmaic_pe_start_layer")
+    ids = both("dynamic_pe_layer_ids", "dynmaic_pe_layer_ids")
+    if ids not in (None, "", []):
+        if isinstance(ids, str):
+            ids = [int(s) for s in ids.replace(" ", "").split(",") if s]
+        return tuple(sorted(int(i) for i in ids))
+    return tuple(range(int(start or 0), num_layers))
+
+
+def config_from_hf(hf: dict[str, Any], *, weight_repo_layers: tuple[int, ...] | None = None,
+                   source: str = "config.json", **overrides: Any) -> ModelConfig:
+    """`ModelConfig` from a parsed HF `config.json`. `weight_repo_layers` are the layers
+    whose RePo maps the weights contain: they decide, and a `pe_config` that names
+    other layers is refused."""
+    if hf.get("model_type") != "olmo2":
+        raise FormatError(f"{source}: model_type={hf.get('model_type')!r} is not supported; "
+                          "repo-jax reads OLMo-2 ('olmo2') checkpoints")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = hf.get("rope_theta", rope.get("rope_theta"))
+    if theta is None:
+        raise FormatError(f"{source}: neither rope_theta nor rope_parameters.rope_theta is set")
+    n = hf["num_hidden_layers"]
+    named = _pe_layers(hf, n, source)
+    repo = weight_repo_layers if weight_repo_layers is not None else (named or ())
+    if weight_repo_layers is not None and named is not None and tuple(named) != tuple(repo):
+        raise FormatError(f"{source}: pe_config names RePo layers {list(named)} but the weights "
+                          f"have RePo maps on layers {list(repo)}; fix pe_config to match the weights")
+    if weight_repo_layers and named is None:
+        raise FormatError(f"{source}: the weights have RePo maps on layers {list(repo)} but "
+                          f"config.json has no pe_config; add pe_config with dynamic_pe_mode="
+                          f"{REPO_MODE!r}")
+    fields: dict[str, Any] = dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_hidden_layers=n,
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        rope_theta=float(theta), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        layer_schemes=layer_schemes(n, repo_layers=tuple(repo)),
+    )
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+        raise FormatError(f"{source}: head_dim={hf['head_dim']} differs from hidden_size / "
+                          "num_attention_heads, which OLMo-2 does not do")
+    if rope.get("rope_type", rope.get("type", "default")) == "yarn":
+        fields.update(rope_scaling_factor=float(rope["factor"]),
+                      original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                      yarn_beta_fast=float(rope.get("beta_fast") or 32.0),
+                      yarn_beta_slow=float(rope.get("beta_slow") or 1.0))
+    for key, name in (("eos_token_id", "eos_token_id"), ("pad_token_id", "pad_token_id"),
+                      ("bos_token_id", "bos_token_id")):
+        if isinstance(hf.get(key), int):
+            fields[name] = hf[key]
+    fields.update(overrides)
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:
+        raise FormatError(f"{source}: {e}") from None
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """A `config.json` for upstream `transformers` (and, with RePo, the authors' code,
+    which reads only the misspelled `dynmaic_*` keys: both spellings are written)."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling_factor != 1.0:
+        rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta,
+                "factor": cfg.rope_scaling_factor,
+                "original_max_position_embeddings": cfg.original_max_position_embeddings,
+                "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow}
+    if "nope" in cfg.layer_schemes:
+        raise FormatError("NoPE layers have no Hugging Face OLMo-2 representation; "
+                          "export a model whose layers are RoPE or RePo only")
+    hf: dict[str, Any] = {
+        "architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+        "attention_bias": False, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "use_cache": True,
+        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id, "torch_dtype": cfg.param_dtype,
+    }
+    if rope["rope_type"] == "yarn":
+        hf["rope_scaling"] = rope
+    if cfg.repo_layers:
+        start = cfg.repo_layers[0]
+        contiguous = cfg.repo_layers == tuple(range(start, cfg.num_hidden_layers))
+        ids = "" if contiguous else ",".join(str(i) for i in cfg.repo_layers)
+        hf["pe_config"] = {"dynamic_pe_mode": REPO_MODE,
+                           "dynamic_pe_start_layer": start, "dynmaic_pe_start_layer": start,
+                           "dynamic_pe_layer_ids": ids, "dynmaic_pe_layer_ids": ids}
+    return hf

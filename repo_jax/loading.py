@@ -1,0 +1,112 @@
+"""Build models: fresh, abstract, or filled from Hugging Face style weights."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from repo_jax.config import ModelConfig
+from repo_jax.hf_format import FormatError, config_from_hf, hf_to_path, path_to_hf
+from repo_jax.model import Olmo2Model
+from repo_jax.safetensors_io import hf_safetensors
+
+_REPO_KEY = re.compile(r"layers\.(\d+)\.self_attn\.(gate_map|content_map|final_map)\.weight$")
+
+
+def abstract_model(cfg: ModelConfig, **kwargs) -> Olmo2Model:
+    """The model with ShapeDtypeStruct leaves: nothing allocated."""
+    return nnx.eval_shape(lambda: Olmo2Model(cfg, rngs=nnx.Rngs(0), **kwargs))
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameters, counted without allocating them."""
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+
+def repo_layers_in(keys: Iterable[str]) -> tuple[int, ...]:
+    """The layers whose RePo maps appear among tensor names."""
+    return tuple(sorted({int(m.group(1)) for k in keys if (m := _REPO_KEY.search(k))}))
+
+
+def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
+                       read: Callable[[str], np.ndarray], source: str,
+                       scan_layers: bool = False) -> Olmo2Model:
+    """Fill a model from HF-named tensors, one at a time. Every parameter must be
+    given exactly once with the right shape; extra or missing names are refused."""
+    model = abstract_model(cfg, scan_layers=scan_layers)
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    seen: set[tuple] = set()
+    for name in names:
+        try:
+            path, transpose = hf_to_path(name)
+        except FormatError as e:
+            raise FormatError(f"{source}: {e}; remove it or use the matching model config") from None
+        if path not in flat:
+            raise FormatError(f"{source}: unexpected tensor {name!r} for this model config "
+                              f"({cfg.num_hidden_layers} layers, RePo on {list(cfg.repo_layers)})")
+        var = flat[path]
+        array = np.asarray(read(name))
+        if transpose:
+            array = array.T
+        if array.shape != tuple(var.shape):
+            got, want = (array.shape[::-1], var.shape[::-1]) if transpose else (array.shape, var.shape)
+            raise FormatError(f"{source}: tensor {name!r} has shape {tuple(got)}, expected "
+                              f"{tuple(want)} from the config; the weights and config disagree")
+        if not np.all(np.isfinite(array.astype(np.float32))):
+            raise FormatError(f"{source}: tensor {name!r} contains NaN or Inf; the checkpoint is "
+                              "damaged")
+        var.set_value(jnp.asarray(array, dtype=var.dtype))
+        seen.add(path)
+    missing = [p for p in flat if p not in seen]
+    if missing:
+        names_missing = [path_to_hf(p)[0] for p in missing[:5]]
+        raise FormatError(f"{source}: missing tensor(s) {names_missing}"
+                          f"{' and more' if len(missing) > 5 else ''}; the checkpoint is incomplete "
+                          "or does not match its config")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_hf(path: str | os.PathLike, dtype: str = "float32", **overrides) -> Olmo2Model:
+    """A Hugging Face directory (config.json + safetensors, single or sharded)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    try:
+        hf = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{config_file}: not found; point at a Hugging Face checkpoint "
+                          "directory") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{config_file}: not valid JSON ({e})") from None
+    files = hf_safetensors(path)
+    cfg = config_from_hf(hf, weight_repo_layers=repo_layers_in(files), source=str(config_file),
+                         param_dtype=dtype, dtype=dtype, **overrides)
+    return model_from_tensors(cfg, files, lambda k: files[k].get(k), str(path))
+
+
+def load_model(path: str | os.PathLike, dtype: str = "float32", **overrides) -> Olmo2Model:
+    """Load a model from a Hugging Face style directory (config.json + safetensors).
+    `dtype` sets both parameter and compute dtype; `overrides` change other
+    `ModelConfig` fields (e.g. attention_impl)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FormatError(f"{path}: not a directory; point at a checkpoint directory")
+    if (path / "config.json").exists():
+        return load_hf(path, dtype, **overrides)
+    raise FormatError(f"{path}: no config.json; point at a Hugging Face checkpoint directory")
+
+
+def iter_hf_tensors(model: Olmo2Model) -> Iterable[tuple[str, np.ndarray]]:
+    """(HF name, numpy array in torch layout) for every parameter, one at a time."""
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transpose = path_to_hf(path)
+        array = np.asarray(jax.device_get(var[...]))
+        yield name, array.T if transpose else array

@@ -1,0 +1,288 @@
+"""OLMo-2 with RePo context re-positioning, in Flax NNX.
+
+Reads top to bottom: RMSNorm -> RePo positioner -> Attention -> MLP -> Block ->
+Olmo2Model. Parameter names follow Hugging Face (`embed_tokens`,
+`layers.N.self_attn.q_proj`, ...) so conversion is mostly renames; Flax kernels
+are [in, out]. Every parameter carries logical axis names (`logical_axes`
+metadata) that `repo_jax.sharding` maps onto a device mesh.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from repo_jax.attention import attend
+from repo_jax.config import ModelConfig
+from repo_jax.rope import apply_rope, rope_cos_sin
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _init(cfg: ModelConfig):
+    # OLMo-2 and the RePo recipe: truncated normal, std 0.02, cut at +-3 std.
+    return nnx.initializers.truncated_normal(stddev=cfg.init_std, lower=-3.0, upper=3.0)
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs,
+            dtype: Any = None) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype or cfg.dtype,
+                      param_dtype=cfg.param_dtype, kernel_init=_init(cfg),
+                      kernel_metadata={"logical_axes": axes}, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with statistics in float32 and a learned `weight` (HF layout)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: str, axis: str = "norm"):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis,))
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(jnp.float32) * y).astype(x.dtype)
+
+
+class LayerContext(NamedTuple):
+    """Per-call arrays every block needs (see `repo_jax.attention` for the rule)."""
+    positions: jnp.ndarray    # float32 [B, T] integer RoPE positions
+    q_index: jnp.ndarray      # int32 [B, T]
+    kv_index: jnp.ndarray     # int32 [B, S]
+    q_segment: jnp.ndarray    # int32 [B, T]
+    kv_segment: jnp.ndarray   # int32 [B, S]
+    cache_start: jnp.ndarray | None  # int32 scalar: where new keys go in the cache
+
+
+class LayerCache(NamedTuple):
+    k: jnp.ndarray  # [B, S, KV, head_dim], keys stored after rotation
+    v: jnp.ndarray
+
+
+class Attention(nnx.Module):
+    """Self-attention with QK-norm over the full projections and, on RePo layers,
+    the positioner f_phi: z = final_map(silu(gate_map(x)) * content_map(x))."""
+
+    def __init__(self, cfg: ModelConfig, is_repo: bool, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.is_repo = is_repo
+        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = _linear(cfg, d, h * hd, ("embed", "heads"), rngs)
+        self.k_proj = _linear(cfg, d, kv * hd, ("embed", "kv_heads"), rngs)
+        self.v_proj = _linear(cfg, d, kv * hd, ("embed", "kv_heads"), rngs)
+        self.o_proj = _linear(cfg, h * hd, d, ("heads", "embed"), rngs)
+        self.q_norm = RMSNorm(h * hd, cfg.rms_norm_eps, cfg.param_dtype, "heads")
+        self.k_norm = RMSNorm(kv * hd, cfg.rms_norm_eps, cfg.param_dtype, "kv_heads")
+        if is_repo:
+            r = cfg.repo_hidden_size
+            # The positioner runs in float32: its output is a position in the thousands.
+            self.gate_map = _linear(cfg, d, r, ("embed", "repo"), rngs, jnp.float32)
+            self.content_map = _linear(cfg, d, r, ("embed", "repo"), rngs, jnp.float32)
+            self.final_map = _linear(cfg, r, h, ("repo", "repo_heads"), rngs, jnp.float32)
+
+    def repo_positions(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Block input x [B, T, d] (no norm) -> float32 positions [B, T, H]."""
+        x32 = x.astype(jnp.float32)
+        z = self.final_map(jax.nn.silu(self.gate_map(x32)) * self.content_map(x32))
+        chex.assert_shape(z, (*x.shape[:2], self.cfg.num_attention_heads))
+        return z
+
+    def __call__(self, x, ctx: LayerContext, rotate: jnp.ndarray, cache: LayerCache | None):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x)).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_norm(self.k_proj(x)).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        if self.is_repo:
+            z = self.repo_positions(x)
+            cos, sin = rope_cos_sin(z, cfg)  # per token and head: [B, T, H, hd]
+        else:
+            z = None
+            cos, sin = rope_cos_sin(ctx.positions[:, :, None], cfg)  # [B, T, 1, hd]
+        # `rotate` is False on NoPE layers; an array so that scanned layers can differ.
+        q = jnp.where(rotate, apply_rope(q, cos, sin), q)
+        k = jnp.where(rotate, apply_rope(k, cos, sin), k)
+        if cache is not None:
+            start = (0, ctx.cache_start, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+            cache = LayerCache(k_all, v_all)
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        out = attend(q, k, v, q_index=ctx.q_index, kv_index=ctx.kv_index,
+                     q_segment=ctx.q_segment, kv_segment=ctx.kv_segment,
+                     impl=cfg.attention_impl, block_size=cfg.attention_block_size)
+        chex.assert_shape(out, (b, t, cfg.num_attention_heads, cfg.head_dim))
+        return self.o_proj(out.reshape(b, t, -1)), z, cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(cfg, d, i, ("embed", "mlp"), rngs)
+        self.up_proj = _linear(cfg, d, i, ("embed", "mlp"), rngs)
+        self.down_proj = _linear(cfg, i, d, ("mlp", "embed"), rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    """Post-norm OLMo-2 block: h = x + norm(attn(x)); out = h + norm(mlp(h))."""
+
+    def __init__(self, cfg: ModelConfig, is_repo: bool, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, is_repo, rngs)
+        self.mlp = MLP(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+
+    def __call__(self, x, ctx: LayerContext, rotate, cache: LayerCache | None):
+        a, z, cache = self.self_attn(x, ctx, rotate, cache)
+        h = x + self.post_attention_layernorm(a)
+        out = h + self.post_feedforward_layernorm(self.mlp(h))
+        return out, z, cache
+
+
+class ModelOutput(NamedTuple):
+    logits: jnp.ndarray                    # float32 [B, T, V]
+    positions: dict[int, jnp.ndarray]      # RePo layer -> float32 [B, H, T]
+    cache: "KVCache | None"
+
+
+class KVCache(NamedTuple):
+    """Preallocated cache for all layers: k/v [L, B, S, KV, hd], segment [B, S],
+    and `end`, the number of filled slots (the same for every row)."""
+    k: jnp.ndarray
+    v: jnp.ndarray
+    segment: jnp.ndarray
+    end: jnp.ndarray
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    # Unfilled slots get segment -2, which no query ever has.
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.full((batch, max_len), -2, jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def layer_groups(cfg: ModelConfig) -> list[list[int]]:
+    """Runs of consecutive layers with the same parameter structure (RePo or not):
+    the units that `scan_layers` stacks."""
+    groups: list[list[int]] = []
+    for i, s in enumerate(cfg.layer_schemes):
+        if groups and (cfg.layer_schemes[groups[-1][0]] == "repo") == (s == "repo"):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class Olmo2Model(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, scan_layers: bool = False):
+        self.config = cfg
+        # Execution choice only: the parameter tree is the same either way.
+        self.scan_layers = scan_layers
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            embedding_init=_init(cfg), embedding_metadata={"logical_axes": ("vocab", "embed")},
+            rngs=rngs)
+        self.layers = nnx.List([Block(cfg, s == "repo", rngs) for s in cfg.layer_schemes])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs)
+
+    def __call__(self, input_ids: jnp.ndarray, *, return_positions: bool = False, **kwargs):
+        """int32 [B, T] -> float32 logits [B, T, V] (and the RePo positions if asked)."""
+        out = self.forward(input_ids, **kwargs)
+        return (out.logits, out.positions) if return_positions else out.logits
+
+    def forward(self, input_ids: jnp.ndarray, *, position_ids: jnp.ndarray | None = None,
+                segment_ids: jnp.ndarray | None = None,
+                attention_mask: jnp.ndarray | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
+        """Full forward. `segment_ids` separate packed documents; `attention_mask`
+        (1 = token, 0 = padding) hides padding; with `cache`, the T new tokens are
+        written at slots [cache.end, cache.end + T) and attend to everything before."""
+        cfg = self.config
+        chex.assert_rank(input_ids, 2)
+        b, t = input_ids.shape
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.end
+        q_index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if position_ids is None:
+            position_ids = q_index
+        segment = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        if attention_mask is not None:
+            segment = jnp.where(attention_mask.astype(bool), segment, -1)
+        if cache is None:
+            kv_index, kv_segment = q_index, segment
+        else:
+            kv_segment = jax.lax.dynamic_update_slice(cache.segment, segment, (0, cache.end))
+            kv_index = jnp.broadcast_to(jnp.arange(cache.segment.shape[1], dtype=jnp.int32),
+                                        cache.segment.shape)
+        ctx = LayerContext(position_ids.astype(jnp.float32), q_index, kv_index, segment,
+                           kv_segment, None if cache is None else cache.end)
+
+        x = self.embed_tokens(input_ids)
+        positions: dict[int, jnp.ndarray] = {}
+        new_k, new_v = [], []
+        for group in layer_groups(cfg) if self.scan_layers else [[i] for i in range(len(self.layers))]:
+            layer_cache = None if cache is None else LayerCache(cache.k[group[0]:group[-1] + 1],
+                                                                cache.v[group[0]:group[-1] + 1])
+            x, zs, layer_cache = self._run_group(group, x, ctx, layer_cache)
+            if cache is not None:
+                new_k.append(layer_cache.k)
+                new_v.append(layer_cache.v)
+            if zs is not None:
+                for j, i in enumerate(group):
+                    positions[i] = jnp.swapaxes(zs[j], 1, 2)  # [B, H, T]
+        x = self.norm(x)
+        if cfg.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        logits = logits.astype(jnp.float32)
+        chex.assert_shape(logits, (b, t, cfg.vocab_size))
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(jnp.concatenate(new_k), jnp.concatenate(new_v), kv_segment,
+                                cache.end + t)
+        return ModelOutput(logits, positions, new_cache)
+
+    def _run_group(self, group: list[int], x, ctx: LayerContext, cache: LayerCache | None):
+        """Run layers `group` (same structure). One layer is called directly; more
+        are stacked and run under `jax.lax.scan` so XLA compiles one body."""
+        cfg = self.config
+        rotate = jnp.asarray([cfg.layer_schemes[i] != "nope" for i in group])
+        graphdef, _ = nnx.split(self.layers[group[0]])
+
+        def body(x, state, rot, layer_cache):
+            block = nnx.merge(graphdef, state)
+            return block(x, ctx, rot, layer_cache)
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=len(group) == 1)
+        if len(group) == 1:
+            state = nnx.state(self.layers[group[0]])
+            one = None if cache is None else LayerCache(cache.k[0], cache.v[0])
+            x, z, one = body(x, state, rotate[0], one)
+            stacked = None if one is None else LayerCache(one.k[None], one.v[None])
+            return x, None if z is None else z[None], stacked
+        states = [nnx.state(self.layers[i]) for i in group]
+        stacked_state = jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+        def step(x, xs):
+            state, rot, layer_cache = xs
+            x, z, layer_cache = body(x, state, rot, layer_cache)
+            return x, (z, layer_cache)
+
+        x, (zs, cache) = jax.lax.scan(step, x, (stacked_state, rotate, cache))
+        return x, zs, cache
