@@ -93,12 +93,17 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", **overrides) -> Olm
 
 
 def load_model(path: str | os.PathLike, dtype: str = "float32", **overrides) -> Olmo2Model:
-    """Load a model from a Hugging Face style directory (config.json + safetensors).
-    `dtype` sets both parameter and compute dtype; `overrides` change other
-    `ModelConfig` fields (e.g. attention_impl)."""
+    """Load a model from a Hugging Face style directory (config.json + safetensors)
+    or a repo-jax model directory (repo_jax.json + Orbax params). `dtype` sets both
+    parameter and compute dtype; `overrides` change other `ModelConfig` fields
+    (e.g. attention_impl)."""
+    from repo_jax import params_io
+
     path = Path(path)
     if not path.is_dir():
         raise FormatError(f"{path}: not a directory; point at a checkpoint directory")
+    if params_io.is_model_dir(path):
+        return params_io.load_model_dir(path, dtype, **overrides)
     if (path / "config.json").exists():
         return load_hf(path, dtype, **overrides)
     raise FormatError(f"{path}: no config.json; point at a Hugging Face checkpoint directory")
@@ -108,5 +113,5 @@ def iter_hf_tensors(model: Olmo2Model) -> Iterable[tuple[str, np.ndarray]]:
     """(HF name, numpy array in torch layout) for every parameter, one at a time."""
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transpose = path_to_hf(path)
-        array = np.asarray(jax.device_get(var[...]))
+        array = np.asarray(jax.device_get(var.get_value()))
         yield name, array.T if transpose else array

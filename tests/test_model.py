@@ -219,3 +219,15 @@ def test_load_bfloat16(tmp_path, tokens):
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(x.dtype == jnp.bfloat16 for x in leaves)
     assert model(jnp.asarray(tokens)).dtype == jnp.float32
+
+
+def test_model_directory_round_trip(tmp_path, tokens):
+    from repo_jax import params_io
+    model = _repo_model()
+    params_io.save_params(tmp_path, params_io.flat_params(model))
+    params_io.write_meta(tmp_path, model.config, {"source": "test"})
+    loaded = rj.load_model(tmp_path)
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(np.asarray(loaded(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens))))
+    with pytest.raises(rj.FormatError, match="parameters do not match the model"):
+        params_io.load_model_dir(tmp_path, layer_schemes=("rope",) * 4)
