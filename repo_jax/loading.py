@@ -93,8 +93,9 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", **overrides) -> Olm
 
 
 def load_model(path: str | os.PathLike, dtype: str = "float32", **overrides) -> Olmo2Model:
-    """Load a model from a Hugging Face style directory (config.json + safetensors)
-    or a repo-jax model directory (repo_jax.json + Orbax params). `dtype` sets both
+    """Load a model from a Hugging Face style directory (config.json + safetensors),
+    a repo-jax model directory (repo_jax.json + Orbax params) or a training run
+    directory (its latest checkpoint). `dtype` sets both
     parameter and compute dtype; `overrides` change other `ModelConfig` fields
     (e.g. attention_impl)."""
     from repo_jax import params_io
@@ -102,8 +103,9 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", **overrides) -> 
     path = Path(path)
     if not path.is_dir():
         raise FormatError(f"{path}: not a directory; point at a checkpoint directory")
-    if params_io.is_model_dir(path):
-        return params_io.load_model_dir(path, dtype, **overrides)
+    model_dir = params_io.resolve_model_dir(path)
+    if model_dir is not None:
+        return params_io.load_model_dir(model_dir, dtype, **overrides)
     if (path / "config.json").exists():
         return load_hf(path, dtype, **overrides)
     raise FormatError(f"{path}: no config.json; point at a Hugging Face checkpoint directory")

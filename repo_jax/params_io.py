@@ -45,6 +45,20 @@ def is_model_dir(directory: str | os.PathLike) -> bool:
     return (Path(directory) / META_FILE).exists()
 
 
+def resolve_model_dir(path: str | os.PathLike) -> Path | None:
+    """`path` itself if it is a model directory; for a training run directory
+    (`run_dir/checkpoints/<step>/`, each finished step a model directory) the
+    latest finished step; else None."""
+    path = Path(path)
+    if is_model_dir(path):
+        return path
+    for root in (path / "checkpoints", path):
+        steps = [d for d in root.glob("*") if d.name.isdigit() and is_model_dir(d)] if root.is_dir() else []
+        if steps:
+            return max(steps, key=lambda d: int(d.name))
+    return None
+
+
 def write_meta(directory: str | os.PathLike, cfg: ModelConfig, metadata: dict[str, Any]) -> None:
     meta = {"format": FORMAT, "version": 1, "model_config": cfg.to_dict(),
             "metadata": {"repo_layers": list(cfg.repo_layers), "scan_layers": False, **metadata}}
@@ -91,15 +105,20 @@ def saved_shapes(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in tree.items()}
 
 
-def restore_params(directory: str | os.PathLike, target: dict[str, Any]) -> dict[str, jax.Array]:
+def restore_params(directory: str | os.PathLike, target: dict[str, Any],
+                   allow_missing: bool = False) -> dict[str, jax.Array]:
     """Restore the keys of `target` (ShapeDtypeStructs, optionally with `.sharding`, so
-    each host reads only its shards). Keys, shapes must match the checkpoint; dtypes
-    are cast to the target's."""
+    each host reads only its shards). Keys and shapes must match the checkpoint; dtypes
+    are cast to the target's. With `allow_missing`, target keys the checkpoint lacks
+    (e.g. RePo maps when starting from plain OLMo-2) are left out of the result."""
     import orbax.checkpoint as ocp
 
     saved = saved_shapes(directory)
     missing = sorted(set(target) - set(saved))
     extra = sorted(set(saved) - set(target))
+    if allow_missing:
+        target = {k: v for k, v in target.items() if k in saved}
+        missing = []
     if missing or extra:
         raise FormatError(f"{directory}: parameters do not match the model: missing "
                           f"{missing[:5]}, unexpected {extra[:5]}; use the config the checkpoint "

@@ -231,3 +231,16 @@ def test_model_directory_round_trip(tmp_path, tokens):
     np.testing.assert_array_equal(np.asarray(loaded(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens))))
     with pytest.raises(rj.FormatError, match="parameters do not match the model"):
         params_io.load_model_dir(tmp_path, layer_schemes=("rope",) * 4)
+
+
+def test_run_directory_resolves_to_latest_step(tmp_path, tokens):
+    from repo_jax import params_io
+    model = _repo_model()
+    for step in (5, 20):
+        d = tmp_path / "checkpoints" / str(step)
+        d.mkdir(parents=True)
+        params_io.save_params(d, params_io.flat_params(model))
+        params_io.write_meta(d, model.config, {"step": step})
+    (tmp_path / "checkpoints" / "30").mkdir()  # unfinished: no repo_jax.json
+    assert params_io.resolve_model_dir(tmp_path) == tmp_path / "checkpoints" / "20"
+    assert rj.load_model(tmp_path).config == model.config
