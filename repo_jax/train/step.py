@@ -1,0 +1,83 @@
+"""The jitted training and eval steps: pure functions over (graphdef, flat params).
+
+One `jax.jit` per step function; the NNX model is rebuilt from the flat params
+inside the trace (`ModelSpec.merge`), never with `nnx.jit` per call. Gradient
+accumulation runs the micro-batches under `jax.lax.scan` inside that one jit.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from repo_jax import sharding as shd
+from repo_jax.train.loss import lm_loss
+from repo_jax.train.state import ModelSpec, TrainState
+
+
+def _forward_loss(spec: ModelSpec, mesh: Mesh, params, tokens):
+    logits = spec.merge(params)(tokens)
+    logits = jax.lax.with_sharding_constraint(
+        logits, shd.named(mesh, ("batch", "seq", "vocab"), logits.shape))
+    return lm_loss(logits, tokens)
+
+
+def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, sched: optax.Schedule,
+                    z_loss: float, mesh: Mesh, state_shardings: Any) -> Callable:
+    """(state, tokens int32 [accum, micro, T]) -> (state, metrics), state donated."""
+
+    def loss_fn(params, tokens):
+        ce, z = _forward_loss(spec, mesh, params, tokens)
+        return ce + z_loss * z, (ce, z)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: jax.Array):
+        accum = batch.shape[0]
+        if accum == 1:
+            (_, (ce, z)), grads = grad_fn(state.params, batch[0])
+        else:
+            def micro(carry, tokens):
+                g_sum, ce_sum, z_sum = carry
+                (_, (ce, z)), g = grad_fn(state.params, tokens)
+                return (jax.tree.map(jnp.add, g_sum, g), ce_sum + ce, z_sum + z), None
+
+            zeros = jax.lax.with_sharding_constraint(
+                jax.tree.map(jnp.zeros_like, state.params), state_shardings.params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (grads, ce, z), _ = jax.lax.scan(micro, init, batch)
+            # Every micro-batch has the same number of targets: the mean of means is the mean.
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            ce, z = ce / accum, z / accum
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": ce, "z_loss": z_loss * z, "grad_norm": grad_norm,
+                   "lr": sched(state.step)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    batch_sharding = shd.batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(spec: ModelSpec, mesh: Mesh, param_shardings: dict[str, NamedSharding]) -> Callable:
+    """(params, tokens [1, micro, T]) -> mean cross-entropy."""
+
+    def evaluate(params, batch):
+        ce, _ = _forward_loss(spec, mesh, params, batch[0])
+        return ce
+
+    return jax.jit(evaluate, in_shardings=(param_shardings, shd.batch_sharding(mesh)),
+                   out_shardings=shd.replicated(mesh))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: dict,
+                        param_shardings: dict[str, NamedSharding], mesh: Mesh) -> Any:
+    """Moments shard like their parameters; counts and other scalars are replicated."""
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                 transform_non_params=lambda _: shd.replicated(mesh))
