@@ -127,6 +127,12 @@ def restore_params(directory: str | os.PathLike, target: dict[str, Any],
         if saved[k][0] != tuple(t.shape):
             raise FormatError(f"{directory}: parameter {k!r} has shape {saved[k][0]}, the model "
                               f"expects {tuple(t.shape)}")
+    # A target without a sharding goes to this process's first device: the shardings
+    # recorded in the checkpoint name the devices of the run that wrote it (e.g. a
+    # multi-host training job), which need not exist here.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {k: t if getattr(t, "sharding", None) is not None
+              else jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=local) for k, t in target.items()}
     ckpt = ocp.StandardCheckpointer()
     return ckpt.restore(Path(directory).absolute() / PARAMS_DIR, target)
 

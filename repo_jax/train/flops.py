@@ -59,18 +59,18 @@ def measure_cpu_peak(n: int = 2048, reps: int = 3) -> float:
     return 2 * n ** 3 / best
 
 
-def peak_flops(override_per_device: float = 0.0) -> tuple[float, str]:
-    """(total peak FLOP/s of all devices, how it was obtained). On CPU the fake devices
-    of a host share its cores, so the total is one host's measured peak per process."""
+def peak_flops(override_per_device: float, num_devices: int) -> tuple[float, str]:
+    """(total peak FLOP/s of `num_devices` devices, how it was obtained). On CPU the fake
+    devices of a host share its cores, so the total is one host's measured peak per process."""
     devices = jax.devices()
     if override_per_device > 0:
-        return override_per_device * len(devices), "configured peak_flops"
+        return override_per_device * num_devices, "configured peak_flops"
     kind = devices[0].device_kind
     if devices[0].platform == "cpu":
         return measure_cpu_peak() * jax.process_count(), "measured float32 matmul on CPU"
     for name, value in _PEAK.items():
         if name.lower() in kind.lower():
-            return value * len(devices), f"{kind} bf16 datasheet"
+            return value * num_devices, f"{kind} bf16 datasheet"
     return float("nan"), f"unknown device {kind!r}: set peak_flops"
 
 

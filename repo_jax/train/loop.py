@@ -93,15 +93,16 @@ def _init_from(path: str, params: dict, spec: ModelSpec, shardings: dict, log) -
     return {**params, **loaded}, {"init_from": str(model_dir), "loaded": sorted(loaded), "fresh": fresh}
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train (or resume) per `cfg`; returns a summary. Raises ConfigError / FormatError /
-    DataError for bad input and TrainingError when training cannot go on."""
+def run(cfg: TrainConfig, devices: list | None = None) -> dict[str, Any]:
+    """Train (or resume) per `cfg` on `devices` (default: all); returns a summary. Raises
+    ConfigError / FormatError / DataError for bad input and TrainingError when training
+    cannot go on."""
     initialize_distributed(cfg.distributed)
     _compilation_cache(cfg)
     main = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
 
-    mesh = shd.make_mesh(cfg.mesh)
+    mesh = shd.make_mesh(cfg.mesh, devices)
     parallel = shd.batch_parallelism(mesh)
     if cfg.micro_batch_size % parallel:
         raise ConfigError(f"batch_size / grad_accum = {cfg.micro_batch_size} sequences do not divide "
@@ -169,12 +170,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     train_step = make_train_step(spec, tx, sched, cfg.z_loss, mesh, state_shard)
     eval_step = make_eval_step(spec, mesh, p_shard)
-    total_peak, peak_how = flops.peak_flops(cfg.peak_flops)
+    total_peak, peak_how = flops.peak_flops(cfg.peak_flops, mesh.devices.size)
     step_flops = flops.flops_per_token(cfg.model, cfg.data.seq_len) * cfg.tokens_per_step
     logger.message(
         f"train: {train_data.description}, {train_data.num_instances} x {cfg.data.seq_len} tokens; "
         f"eval: {eval_data.description if eval_data else 'none'}; mesh {dict(mesh.shape)} on "
-        f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
+        f"{mesh.devices.size} {jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
         f"{cfg.tokens_per_step} tokens/step; peak {total_peak / 1e9:.1f} GFLOP/s ({peak_how})")
 
     def evaluate() -> dict[str, float]:

@@ -52,7 +52,7 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, sched: op
             # Every micro-batch has the same number of targets: the mean of means is the mean.
             grads = jax.tree.map(lambda g: g / accum, grads)
             ce, z = ce / accum, z / accum
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": ce, "z_loss": z_loss * z, "grad_norm": grad_norm,
