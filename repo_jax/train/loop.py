@@ -124,6 +124,7 @@ def run(cfg: TrainConfig, devices: list | None = None) -> dict[str, Any]:
         eval_data, SampleOrder(eval_data.num_instances, cfg.seed, shuffle=False), 1,
         cfg.micro_batch_size, batch_sh, cfg.model.vocab_size)
 
+    loader.local(0)  # bad data (e.g. token ids >= vocab) fails here, before anything is written
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, cfg.model, cfg.scan_layers)
     messages: list[str] = []
     start = ckpt.latest_step()
