@@ -191,8 +191,10 @@ def tokenize_documents(docs: Iterable[str], tokenizer, eos: int) -> np.ndarray:
 
 def _split_documents(docs: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:
     # A fixed shuffle (independent of the training seed) so every run holds out the same text.
-    order = np.random.default_rng(20251216).permutation(len(docs))
     n_eval = int(round(len(docs) * eval_fraction))
+    if n_eval == 0:
+        return docs, []
+    order = np.random.default_rng(20251216).permutation(len(docs))
     train = [docs[i] for i in order[: len(docs) - n_eval]]
     held = [docs[i] for i in order[len(docs) - n_eval:]]
     return train, held
