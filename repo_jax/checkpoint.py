@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from repo_jax import params_io
 from repo_jax.config import CheckpointConfig, ModelConfig
+from repo_jax.hf_format import FormatError
 from repo_jax.train.state import TrainState
 
 
@@ -70,10 +71,15 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """`abstract_state`: ShapeDtypeStructs with the shardings to restore onto."""
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-            train=ocp.args.JsonRestore()))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+                train=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise FormatError(f"{self.directory / str(step)}: does not match this config "
+                              f"({str(e).splitlines()[0][:200]}); resume with the config it was "
+                              "written with (run_dir/config.yaml) or use a new run_dir") from None
         meta = dict(out["train"])
         state = TrainState(jax.device_put(abstract_state.step.dtype.type(meta["step"]),
                                           abstract_state.step.sharding),

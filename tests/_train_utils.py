@@ -9,8 +9,9 @@ import numpy as np
 from repo_jax.config import TrainConfig
 
 VOCAB = 256
-# 2 layers (RoPE, then RePo), 8 heads so that tensor=8 splits whole heads.
-MODEL = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+# 3 layers (RoPE, then two RePo that `scan_layers` stacks), 8 heads so that tensor=8
+# splits whole heads.
+MODEL = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
          "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 64,
          "original_max_position_embeddings": 64, "repo_start_layer": 1, "eos_token_id": 1,
          "pad_token_id": 0}

@@ -104,6 +104,8 @@ def test_init_from_loads_source_and_reports_fresh_repo_maps(tmp_path, tokens):
     from repo_jax.model import Olmo2Model
 
     plain = ModelConfig.from_dict({k: v for k, v in MODEL.items() if k != "repo_start_layer"})
+    repo_maps = [f"layers.{i}.self_attn.{m}.kernel" for i in (1, 2)
+                 for m in ("content_map", "final_map", "gate_map")]
     source = Olmo2Model(plain, rngs=nnx.Rngs(7))
     src_dir = tmp_path / "olmo2"
     src_dir.mkdir()
@@ -111,12 +113,15 @@ def test_init_from_loads_source_and_reports_fresh_repo_maps(tmp_path, tokens):
     params_io.write_meta(src_dir, plain, {"source": "test"})
     src = {k: np.asarray(v) for k, v in params_io.flat_params(source).items()}
 
-    run(config(tmp_path, tokens, steps=1, init_from=str(src_dir), **{"optimizer.lr": 1e-12}))
+    # bfloat16 compute: master parameters (and so the checkpoint) stay float32.
+    run(config(tmp_path, tokens, steps=1, init_from=str(src_dir),
+               **{"optimizer.lr": 1e-12, "model.dtype": "bfloat16"}))
     report = json.loads((tmp_path / "run" / "init_from.json").read_text())
-    assert report["fresh"] == [f"layers.1.self_attn.{m}.kernel" for m in ("content_map", "final_map", "gate_map")]
+    assert report["fresh"] == repo_maps
     assert sorted(report["loaded"]) == sorted(src)
     trained = final_params(tmp_path / "run")
     for k, v in src.items():
+        assert trained[k].dtype == np.float32
         np.testing.assert_allclose(trained[k], v, atol=1e-9, err_msg=k)
 
 
