@@ -1,6 +1,6 @@
 """Training end to end on a tiny RePo model: loss, eval, metrics, TensorBoard,
-checkpoints that are model directories, accumulation, resume on another mesh,
-init_from, and the one-line failures."""
+checkpoints that are model directories, init_from, and the one-line failures.
+(Accumulation and resuming onto another mesh are in test_sharding.py.)"""
 from __future__ import annotations
 
 import json
@@ -39,27 +39,27 @@ def _tb_scalars(run_dir) -> dict[str, dict[int, float]]:
 
 
 def test_loss_falls_with_eval_metrics_tensorboard_and_loadable_checkpoint(tmp_path, tokens):
-    cfg = config(tmp_path, tokens, steps=24, log_every=4, eval_every=12, tensorboard=True,
-                 **{"data.eval_fraction": 0.1, "checkpoint.every": 12, "checkpoint.keep": 1,
+    cfg = config(tmp_path, tokens, steps=16, log_every=4, eval_every=8, tensorboard=True,
+                 **{"data.eval_fraction": 0.1, "checkpoint.every": 8, "checkpoint.keep": 1,
                     "optimizer.lr": 1e-2})
     summary = run(cfg)
     run_dir = tmp_path / "run"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
+    assert [r["step"] for r in records] == [4, 8, 12, 16]
     for r in records:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "z_loss"} <= set(r)
         assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1
-    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert records[-1]["loss"] < records[0]["loss"] - 0.3
     evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [12, 24]
+    assert [r["step"] for r in evals] == [8, 16]
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert evals[1]["eval_ppl"] == pytest.approx(np.exp(evals[1]["eval_loss"]), rel=1e-6)
     # TensorBoard holds the same numbers.
     tb = _tb_scalars(run_dir)
     assert tb["loss"] == pytest.approx({r["step"]: r["loss"] for r in records}, rel=1e-6)
     # keep=1: only the final step remains, and it is a repo-jax model directory.
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["24"]
-    assert summary["checkpoint"].endswith("checkpoints/24")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["16"]
+    assert summary["checkpoint"].endswith("checkpoints/16")
     # Recompute the final eval loss from the checkpoint through the public loader.
     model = load_model(run_dir)
     _, held = open_sources(cfg.data)
@@ -68,33 +68,6 @@ def test_loss_falls_with_eval_metrics_tensorboard_and_loadable_checkpoint(tmp_pa
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     ce = logz - np.take_along_axis(logits, batch[:, 1:, None], -1)[..., 0]
     assert ce.mean() == pytest.approx(evals[1]["eval_loss"], rel=1e-5)
-
-
-def test_grad_accumulation_matches_one_batch(tmp_path, tokens):
-    mesh = {"mesh.data": 2, "mesh.tensor": 4}
-    run(config(tmp_path / "one", tokens, steps=2, **mesh))
-    run(config(tmp_path / "acc", tokens, steps=2, grad_accum=4, **mesh))
-    one, acc = losses(tmp_path / "one" / "run"), losses(tmp_path / "acc" / "run")
-    np.testing.assert_allclose([acc[1], acc[2]], [one[1], one[2]], rtol=2e-6)
-    gn1, gn4 = losses(tmp_path / "one" / "run", "grad_norm"), losses(tmp_path / "acc" / "run", "grad_norm")
-    assert gn4[1] == pytest.approx(gn1[1], rel=2e-6)
-    # After one Adam step, round-off in near-zero gradients is amplified a little.
-    assert gn4[2] == pytest.approx(gn1[2], rel=2e-5)
-
-
-def test_resume_onto_another_mesh_continues_the_run(tmp_path, tokens):
-    same = {"schedule.decay_steps": 4}
-    run(config(tmp_path / "ref", tokens, steps=4, **same))
-    part = tmp_path / "part"
-    run(config(part, tokens, steps=2, **same, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}))
-    out = run(config(part, tokens, steps=4, **same, **{"mesh.data": 1, "mesh.fsdp": 8}))
-    assert out["step"] == 4
-    ref, got = losses(tmp_path / "ref" / "run"), losses(part / "run")
-    assert sorted(got) == [1, 2, 3, 4]
-    np.testing.assert_allclose([got[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)], rtol=2e-6)
-    a, b = final_params(tmp_path / "ref" / "run"), final_params(part / "run")
-    for k in a:
-        np.testing.assert_allclose(b[k], a[k], atol=2e-4, err_msg=k)
 
 
 def test_init_from_loads_source_and_reports_fresh_repo_maps(tmp_path, tokens):
