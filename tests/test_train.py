@@ -127,7 +127,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokens, c
 def test_bad_input_is_one_clear_line(tmp_path, tokens, capsys, case):
     extra: dict = {}
     data = tokens
-    expect = {"vocab": "outside model.vocab_size=256", "missing": "does not exist",
+    expect = {"vocab": "outside model.vocab_size=256 in " + str(tmp_path / "big.npy"), "missing": "does not exist",
               "empty_glob": "no file matches", "too_short": "fewer than data.seq_len",
               "mesh": "do not divide across the mesh", "unknown_key": "optimizer.lrr"}[case]
     if case == "vocab":

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from repo_jax import sharding as shd
-from repo_jax.data.sources import DataError, Instances, NpyTokens
+from repo_jax.data.sources import DataError, Instances
 
 
 class SampleOrder:
@@ -64,11 +64,9 @@ class BatchLoader:
         bad = np.argwhere((tokens >= self.vocab_size) | (tokens < 0))
         if len(bad):
             row = int(bad[0][0] * (self.hi - self.lo) + bad[0][1])
-            where = self.instances.description
-            if isinstance(self.instances, NpyTokens):
-                where = str(self.instances.file_of(int(indices[row])))
             raise DataError(f"token id {int(tokens[tuple(bad[0])])} is outside model.vocab_size="
-                            f"{self.vocab_size} in {where} (instance {int(indices[row])}); the data "
+                            f"{self.vocab_size} in {self.instances.where(int(indices[row]))} "
+                            f"(instance {int(indices[row])}); the data "
                             "was tokenized for another vocabulary or data.token_dtype is wrong")
         return tokens
 

@@ -45,6 +45,10 @@ class Instances(abc.ABC):
     def subset(self, start: int, stop: int) -> "Instances":
         return _Range(self, start, stop)
 
+    def where(self, index: int) -> str:
+        """Where instance `index` comes from, for error messages."""
+        return self.description
+
 
 class _Range(Instances):
     def __init__(self, base: Instances, start: int, stop: int):
@@ -53,6 +57,9 @@ class _Range(Instances):
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         return self.base.read(np.asarray(indices) + self.start)
+
+    def where(self, index: int) -> str:
+        return self.base.where(index + self.start)
 
 
 class PackedTokens(Instances):
@@ -94,8 +101,8 @@ class NpyTokens(Instances):
             out[row] = self.maps[f][start:start + self.seq_len]
         return out
 
-    def file_of(self, index: int) -> Path:
-        return self.files[int(np.searchsorted(self.offsets, index, side="right") - 1)]
+    def where(self, index: int) -> str:
+        return str(self.files[int(np.searchsorted(self.offsets, index, side="right") - 1)])
 
 
 def expand_paths(patterns: Sequence[str], key: str) -> list[Path]:
