@@ -72,7 +72,9 @@ def torch_logits(source, cfg, ids: np.ndarray, dtype: str) -> tuple[np.ndarray, 
     tokens = torch.from_numpy(ids).long()
     if source.kind.startswith("hf") and not cfg.repo_layers:
         from transformers import Olmo2ForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # stderr is for our own messages
         model = Olmo2ForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
         with torch.no_grad():
             for p in model.parameters():
