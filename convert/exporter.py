@@ -104,7 +104,7 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | No
                 total = hf_shape[0] if hf_shape else 1
                 for start in range(0, total, rows):
                     block = reader.read(key, axis, start, min(start + rows, total))
-                    block = block.T if transpose else block
+                    block = layout.transpose(block) if transpose else block
                     layout.check_finite(block, f"{model_dir}: parameter {key!r}", start)
                     writer.write(name, block.astype(np_dtype, copy=False))
                     bar.update(block.size * np_dtype.itemsize)

@@ -54,11 +54,12 @@ def plan(source: Source, cfg: ModelConfig) -> list[Item]:
         try:
             path, transpose = hf_to_path(name)
         except FormatError as e:
-            raise FormatError(f"{source.origin(name)}: {e}; remove it or use the matching "
+            raise FormatError(f"{source.file_of(name)}: {e}; remove it or use the matching "
                               "checkpoint") from None
         key = params_io.path_key(path)
         if key not in expected:
-            raise FormatError(f"{source.origin(name)}: unexpected tensor {name!r} for this config "
+            raise FormatError(f"{source.file_of(name)}: unexpected tensor {source.label(name)} for "
+                              f"this config "
                               f"({cfg.num_hidden_layers} layers, RePo on {list(cfg.repo_layers)}, "
                               f"tied embeddings {cfg.tie_word_embeddings}); remove it or fix the config")
         shape = source.shape(name)
@@ -66,7 +67,7 @@ def plan(source: Source, cfg: ModelConfig) -> list[Item]:
         want = expected[key][1]
         if ours != want:
             hf_want = want[::-1] if transpose else want
-            raise FormatError(f"{source.origin(name)}: tensor {name!r} has shape {shape}, the "
+            raise FormatError(f"{source.file_of(name)}: tensor {source.label(name)} has shape {shape}, the "
                               f"config needs {hf_want}; the weights and config disagree")
         items[key] = Item(name, key, transpose, want)
     missing = [k for k in expected if k not in items]
@@ -83,10 +84,11 @@ def _blocks(source: Source, item: Item, dtype: np.dtype, rows: int,
     total = source.shape(item.name)[0] if item.shape else 1
     for start in range(0, total, rows):
         block = source.read(item.name, start, min(start + rows, total))
-        layout.check_finite(block, f"{source.origin(item.name)}", start)
+        layout.check_finite(block, f"{source.file_of(item.name)}: tensor {source.label(item.name)}",
+                            start)
         block = block.astype(dtype, copy=False)
         bar.update(block.nbytes)
-        yield block.T if item.transpose else block
+        yield layout.transpose(block) if item.transpose else block
 
 
 def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,

@@ -180,7 +180,8 @@ class ParamsWriter:
         self.path = Path(directory).absolute() / PARAMS_DIR
         self.path.mkdir(parents=True)
         self._kvstore = {"driver": "ocdbt", "base": f"file://{self.path}/"}
-        self._context = ts.Context()
+        # No fsync per write (it halves throughput); close() syncs everything once.
+        self._context = ts.Context({"file_io_sync": False})
         self._tree: dict[str, Any] = {}
         self._started = time.time_ns()
 
@@ -223,7 +224,8 @@ class ParamsWriter:
                                "write_shape": list(shape)}}
 
     def close(self) -> None:
-        """Write the metadata Orbax reads (the same files StandardCheckpointer writes)."""
+        """Write the metadata Orbax reads (the same files StandardCheckpointer writes)
+        and make everything durable."""
         meta = {"tree_metadata": self._tree, "use_ocdbt": True, "use_zarr3": False,
                 "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
         (self.path / "_METADATA").write_text(json.dumps(meta))
@@ -231,6 +233,13 @@ class ParamsWriter:
             "item_handlers": _HANDLER, "metrics": {}, "performance_metrics": {},
             "init_timestamp_nsecs": self._started, "commit_timestamp_nsecs": time.time_ns(),
             "custom_metadata": {}}))
+        for root, _, files in os.walk(self.path):
+            for name in [*files, "."]:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
 
 class ParamsReader:

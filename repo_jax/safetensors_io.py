@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -136,16 +137,16 @@ class TorchFile:
         try:
             sd = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
         except pickle.UnpicklingError as e:
-            why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line),
-                       str(e).splitlines()[0] if str(e) else type(e).__name__)
-            raise FormatError(f"{self.path}: refused to unpickle: the file holds more than plain "
-                              f"tensors and could run code ({why}); convert it to safetensors "
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            why = f"it would call {found.group(1)}" if found else str(e).splitlines()[0][:120]
+            raise FormatError(f"{self.path}: refused to unpickle: {why}, and a pickle that holds "
+                              "more than plain tensors can run code; convert it to safetensors "
                               "where it came from, if you trust that source") from None
         except RuntimeError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
             hint = ("re-save it with a current torch.save" if "mmap can only be used" in first
                     else "re-download or re-save it")
-            raise FormatError(f"{self.path}: not a readable torch zip checkpoint ({first[:160]}); "
+            raise FormatError(f"{self.path}: not a readable torch zip checkpoint ({first}); "
                               f"{hint}") from None
         except (EOFError, OSError, ValueError) as e:
             raise FormatError(f"{self.path}: corrupt torch checkpoint ({e}); re-download or "
@@ -276,6 +277,8 @@ class SafetensorsWriter:
             self._next, self._written = self._next + 1, 0
 
     def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
         if self._next != len(self._order):
             raise ValueError(f"{self.path}: closed before {self._order[self._next][0]!r} was "

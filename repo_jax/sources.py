@@ -74,11 +74,17 @@ class Source:
         stop = shape[0] if stop is None else stop
         return s.file.read(s.key, s.start + start, s.start + stop)
 
-    def origin(self, name: str) -> str:
-        """Where a tensor comes from, for messages: `file: key` (+ rows of a fused one)."""
+    def file_of(self, name: str) -> Path:
+        return self._slots[name].file.path
+
+    def label(self, name: str) -> str:
+        """A tensor as messages name it: the HF name, and for a part of a fused OLMo
+        tensor also which rows of which tensor it is."""
         s = self._slots[name]
+        if s.key == name:
+            return repr(name)
         rows = "" if s.stop is None else f" rows {s.start}:{s.stop}"
-        return f"{s.file.path}: {s.key!r}{rows}"
+        return f"{name!r} (= {s.key!r}{rows})"
 
     def file_name(self, name: str) -> str:
         """The checkpoint's own name for HF tensor `name` (for messages about a
