@@ -101,6 +101,9 @@ def jax_logits(model_dir, ids: np.ndarray) -> np.ndarray:
 
 def compare(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     """Max |difference| and mean KL(reference || logits) per token."""
+    if reference.shape != logits.shape:
+        raise VerifyError(f"verification failed: PyTorch logits have shape {reference.shape}, JAX "
+                          f"logits {logits.shape}")
     a, b = reference.astype(np.float64), logits.astype(np.float64)
     la = a - np.logaddexp.reduce(a, axis=-1, keepdims=True)
     lb = b - np.logaddexp.reduce(b, axis=-1, keepdims=True)

@@ -260,3 +260,26 @@ class RunDirExportTest(parameterized.TestCase):
         jax_logits = np.asarray(fn(state, jnp.asarray(IDS)))
         chex.assert_shape(jax_logits, (*IDS.shape, SMALL["vocab_size"]))
         self.assertLess(float(np.abs(logits - jax_logits).max()), TOL)
+
+
+def test_streamed_params_restore_sharded(models, tmp_path):
+    """What ParamsWriter streams is an Orbax checkpoint: restore_params reads it onto
+    8 devices with a sharding per parameter, as training does."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    src, _, _ = _write("hf-safetensors", tmp_path / "src", models)
+    import_checkpoint(src, tmp_path / "rj", log=_quiet, block_bytes=4096)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8), ("x",))
+    flat = params_io.flat_params(rj.abstract_model(params_io.read_meta(tmp_path / "rj")[0]))
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(
+        mesh, PartitionSpec("x") if v.shape[0] % 8 == 0 else PartitionSpec()))
+        for k, v in flat.items()}
+    restored = params_io.restore_params(tmp_path / "rj", target)
+    reader = params_io.ParamsReader(tmp_path / "rj")
+    emb = restored["embed_tokens.embedding"]
+    assert len(emb.sharding.device_set) == 8 and emb.addressable_shards[0].data.shape == (32, 64)
+    for k, v in restored.items():
+        np.testing.assert_array_equal(np.asarray(v), reader.read(k))
+    np.testing.assert_array_equal(np.asarray(emb), models["plain"].state_dict()[
+        "model.embed_tokens.weight"].numpy())
