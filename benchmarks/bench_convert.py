@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -149,17 +148,21 @@ def main() -> None:
               f"{'peak RSS MB':>13s}{'RSS/ckpt':>10s}")
         for name, seconds, rss, size in rows:
             rate = f"{size / seconds:7.0f}" if size else f"{'':>7s}"
-            net = f"{size / (seconds - startup):20.0f}" if size and name != "plain copy" else f"{'':>20s}"
+            streamed = size and name != "plain copy"
+            net = f"{size / (seconds - startup):20.0f}" if streamed else f"{'':>20s}"
             print(f"{name:24s}{seconds:8.1f}{rate}{net}{rss:13.0f}{rss / mb:10.3f}")
         copy_rate = mb / rows[0][1]
         for name, seconds, rss, _ in rows[2:]:
             print(f"{name}: {mb / seconds / copy_rate:.2f} x plain-copy speed; peak RSS "
-                  f"{rss:,.0f} MB = {rss / mb:.1%} of the checkpoint, {rss / (largest / 1e6):.2f} x "
+                  f"{rss:,.0f} MB = {rss / mb:.1%} of the checkpoint, "
+                  f"{rss / (largest / 1e6):.2f} x "
                   f"its largest tensor, {rss - rows[1][2]:,.0f} MB above the import-only baseline")
         # The round trip is exact: compare a few tensors bitwise.
-        for name in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight", "lm_head.weight"):
+        for name in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight",
+                     "lm_head.weight"):
             a, b = (_tensor(work / d, name) for d in ("hf", "out"))
-            print(f"round trip {name}: {'bitwise identical' if np.array_equal(a, b) else 'DIFFERS'}")
+            same = "bitwise identical" if np.array_equal(a, b) else "DIFFERS"
+            print(f"round trip {name}: {same}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -13,10 +13,12 @@ from convert.importer import DTYPES
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert",
-                                description="PyTorch OLMo-2 / RePo checkpoints <-> repo-jax (Orbax)")
+    p = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="PyTorch OLMo-2 / RePo checkpoints <-> repo-jax (Orbax)")
     sub = p.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="HF or OLMo checkpoint directory -> repo-jax model directory")
+    imp = sub.add_parser("import",
+                         help="HF or OLMo checkpoint directory -> repo-jax model directory")
     imp.add_argument("src", help="HF dir (config.json + safetensors or pytorch_model.bin) or "
                                  "OLMo dir (config.yaml + model.safetensors or model.pt)")
     imp.add_argument("dst", help="repo-jax model directory to create")

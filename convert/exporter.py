@@ -11,7 +11,6 @@ import json
 import os
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -99,8 +98,9 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | No
                 name, key, transpose, hf_shape = tensors[i]
                 bar.set_postfix_str(f"tensor {i + 1}/{len(tensors)}", refresh=False)
                 axis = 1 if transpose else 0
-                rows = layout.block_rows(hf_shape, max(np_dtype.itemsize, reader.dtype(key).itemsize),
-                                         block_bytes, align=reader.chunk_rows(key, axis) if hf_shape else 1)
+                itemsize = max(np_dtype.itemsize, reader.dtype(key).itemsize)
+                align = reader.chunk_rows(key, axis) if hf_shape else 1
+                rows = layout.block_rows(hf_shape, itemsize, block_bytes, align=align)
                 total = hf_shape[0] if hf_shape else 1
                 for start in range(0, total, rows):
                     block = reader.read(key, axis, start, min(start + rows, total))

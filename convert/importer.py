@@ -61,14 +61,16 @@ def plan(source: Source, cfg: ModelConfig) -> list[Item]:
             raise FormatError(f"{source.file_of(name)}: unexpected tensor {source.label(name)} for "
                               f"this config "
                               f"({cfg.num_hidden_layers} layers, RePo on {list(cfg.repo_layers)}, "
-                              f"tied embeddings {cfg.tie_word_embeddings}); remove it or fix the config")
+                              f"tied embeddings {cfg.tie_word_embeddings}); remove it or fix the "
+                              "config")
         shape = source.shape(name)
         ours = shape[::-1] if transpose else shape
         want = expected[key][1]
         if ours != want:
             hf_want = want[::-1] if transpose else want
-            raise FormatError(f"{source.file_of(name)}: tensor {source.label(name)} has shape {shape}, the "
-                              f"config needs {hf_want}; the weights and config disagree")
+            raise FormatError(f"{source.file_of(name)}: tensor {source.label(name)} has shape "
+                              f"{shape}, the config needs {hf_want}; the weights and config "
+                              "disagree")
         items[key] = Item(name, key, transpose, want)
     missing = [k for k in expected if k not in items]
     if missing:
@@ -118,7 +120,8 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
                 src_shape = source.shape(item.name)
                 itemsize = max(np_dtype.itemsize, source.dtype(item.name).itemsize)
                 rows = layout.block_rows(src_shape, itemsize, block_bytes)
-                writer.write(item.key, item.shape, np_dtype, _blocks(source, item, np_dtype, rows, bar),
+                blocks = _blocks(source, item, np_dtype, rows, bar)
+                writer.write(item.key, item.shape, np_dtype, blocks,
                              axis=1 if item.transpose else 0, block_rows=rows)
         writer.close()
         summary["seconds"] = time.perf_counter() - started

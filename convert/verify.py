@@ -33,7 +33,8 @@ def token_ids(vocab_size: int) -> np.ndarray:
 
 def _files(path: Path, index: str, single: str) -> list[Path]:
     if (path / index).exists():
-        return [path / f for f in sorted(set(json.loads((path / index).read_text())["weight_map"].values()))]
+        weight_map = json.loads((path / index).read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
     return [path / single]
 
 

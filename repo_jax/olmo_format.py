@@ -204,7 +204,8 @@ def config_from_olmo(m: dict[str, Any], weight_repo_layers: tuple[int, ...], sou
     return config_from_hf(hf, weight_repo_layers=weight_repo_layers, source=source, **overrides)
 
 
-_REPO_MAP_KEY = re.compile(r"^transformer\.blocks\.(\d+)\.(gate_map|content_map|final_map)\.weight$")
+_REPO_MAP_KEY = re.compile(
+    r"^transformer\.blocks\.(\d+)\.(gate_map|content_map|final_map)\.weight$")
 
 
 def repo_layers(names) -> tuple[int, ...]:

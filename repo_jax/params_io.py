@@ -259,7 +259,8 @@ class ParamsReader:
         except FileNotFoundError:
             raise FormatError(f"{f}: not found; {directory} has no saved parameters") from None
         except (json.JSONDecodeError, KeyError, TypeError, IndexError, AttributeError):
-            raise FormatError(f"{f}: not Orbax parameter metadata; the checkpoint is damaged") from None
+            raise FormatError(f"{f}: not Orbax parameter metadata; the checkpoint is "
+                              "damaged") from None
         if len(self._keys) != len(meta["tree_metadata"]):
             raise FormatError(f"{f}: parameters are not a flat dict of dotted paths; not a "
                               "repo-jax model directory")
@@ -284,7 +285,8 @@ class ParamsReader:
                                                 context=self._context).result()
             except ValueError as e:
                 raise FormatError(f"{self.path}: cannot open parameter {key!r} "
-                                  f"({str(e).splitlines()[0]}); the checkpoint is damaged") from None
+                                  f"({str(e).splitlines()[0]}); the checkpoint is "
+                                  "damaged") from None
         return self._open[key]
 
     def shape(self, key: str) -> tuple[int, ...]:

@@ -154,7 +154,8 @@ class TorchFile:
         if not isinstance(sd, dict):
             raise FormatError(f"{self.path}: holds a {type(sd).__name__}, not a state dict of "
                               "tensors")
-        bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        bad = [k for k, v in sd.items()
+               if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
         if bad:
             raise FormatError(f"{self.path}: entry {bad[0]!r} is not a named tensor; expected a "
                               "flat state dict")
