@@ -4,7 +4,8 @@ Builds a synthetic Hugging Face checkpoint with the shapes of OLMo-2 1B (float32
 about 6 GB, sharded at 5 GB like save_pretrained), then measures, each in its own
 process (peak RSS from wait4):
 
-  plain copy   the same files copied byte for byte (the disk's speed)
+  plain copy   the same files copied byte for byte and fsynced, as the converter
+               fsyncs what it writes (the disk's speed)
   baseline     a process that only imports what the converter imports
   import       python -m convert import SRC DST
   export       python -m convert export DST HF
@@ -98,6 +99,16 @@ runpy.run_module(target, run_name="__main__", alter_sys=True) if mode == "-m" el
 """
 
 
+_COPY = """
+import os, shutil, sys
+shutil.copytree(sys.argv[1], sys.argv[2])
+for name in os.listdir(sys.argv[2]):
+    fd = os.open(os.path.join(sys.argv[2], name), os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+"""
+
+
 def measure(mode: str, target: str, *args: str) -> tuple[float, float]:
     """Run `python -m target args` (mode "-m") or code `target` (mode "-c") with
     sys.argv[1:] = args; return (seconds, peak RSS in MB) of that process."""
@@ -133,8 +144,7 @@ def main() -> None:
               f"{mb:,.0f} MB float32 in {len(list((work / 'hf').glob('*.safetensors')))} shards, "
               f"largest tensor {largest / 1e6:,.0f} MB (built in {time.perf_counter() - t0:.0f} s)")
         rows = []
-        rows = [("plain copy", *measure("-c", "import shutil, sys; shutil.copytree(*sys.argv[1:])",
-                                        str(work / "hf"), str(work / "copy")), mb)]
+        rows = [("plain copy", *measure("-c", _COPY, str(work / "hf"), str(work / "copy")), mb)]
         shutil.rmtree(work / "copy")
         rows.append(("baseline (imports only)", *measure(
             "-c", "import convert.importer, convert.exporter, tensorstore, jax; "
