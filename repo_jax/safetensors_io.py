@@ -121,10 +121,6 @@ class SafetensorsFile:
                               "re-save it")
         return out.reshape(shape) if not shape else out
 
-    def get(self, name: str) -> np.ndarray:
-        """The whole tensor."""
-        return self.read(name)
-
 
 class TorchFile:
     """A torch zip checkpoint (state dict of tensors), memory-mapped. Tensors are
