@@ -203,10 +203,11 @@ def run(cfg: TrainConfig, devices: list | None = None) -> dict[str, Any]:
                 metrics = jax.device_get(metrics)
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
-                    raise TrainingError(
-                        f"non-finite loss ({loss}) at step {step}; stopped without saving, the last "
-                        f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory} (lower "
-                        "optimizer.lr or check the data)")
+                    good = ckpt.latest_step()
+                    kept = (f"the last good checkpoint is step {good} in {ckpt.directory}"
+                            if good is not None else "no checkpoint was saved yet")
+                    raise TrainingError(f"non-finite loss ({loss}) at step {step}; stopped without "
+                                        f"saving, {kept} (lower optimizer.lr or check the data)")
                 samples += cfg.batch_size
                 if step == start + 1:
                     # The first step compiles; time the rest.
