@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     last = summary["last"]
     shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "eval_loss", "eval_ppl", "tokens_per_sec", "mfu")
                       if isinstance(last.get(k), float))
-    print(f"{'stopped' if summary['stopped'] else 'done'} at step {summary['step']}: {shown}; "
-          f"checkpoint {summary['checkpoint']}", flush=True)
+    status = "stopped by SIGTERM" if summary["stopped"] else "done"
+    print(f"{status} at step {summary['step']}" + (f": {shown}" if shown else "")
+          + f"; checkpoint {summary['checkpoint']}", flush=True)
     return 143 if summary["stopped"] else 0
 
 

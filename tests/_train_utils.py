@@ -69,10 +69,9 @@ def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
 def final_params(run_dir: Path) -> dict[str, np.ndarray]:
     from repo_jax import params_io
 
-    step_dir = params_io.resolve_model_dir(run_dir)
-    cfg, _ = params_io.read_meta(step_dir)
     import jax
 
+    step_dir = params_io.resolve_model_dir(run_dir)
     shapes = params_io.saved_shapes(step_dir)
     target = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
     return {k: np.asarray(v) for k, v in params_io.restore_params(step_dir, target).items()}

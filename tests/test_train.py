@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -13,7 +12,7 @@ import train as train_cli
 from repo_jax import load_model, params_io
 from repo_jax.data import open_sources
 from repo_jax.train.loop import run
-from tests._train_utils import MODEL, cli_args, config, final_params, losses, write_tokens
+from tests._train_utils import MODEL, cli_args, config, final_params, write_tokens
 
 
 @pytest.fixture(scope="module")

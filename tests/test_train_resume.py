@@ -68,7 +68,7 @@ def test_sigterm_then_sigkill_then_restart_matches_uninterrupted(tmp_path):
     # SIGKILL somewhere later (mid-step or mid-save), then restart to the end.
     proc = _start(args)
     out = _signal_after(proc, run_dir, stopped + 5, signal.SIGKILL)
-    assert f"resumed from" in out and f"(step {stopped}," in out
+    assert "resumed from" in out and f"(step {stopped}," in out
     killed_at = max(_logged_steps(run_dir))
     assert proc.returncode == -signal.SIGKILL and killed_at < 16, out
     proc = _start(args)

@@ -162,6 +162,9 @@ def run(cfg: TrainConfig, devices: list | None = None) -> dict[str, Any]:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     logger = MetricsLogger(run_dir, total_steps=cfg.steps, start_step=start,
                            tensorboard=cfg.tensorboard, progress=cfg.progress, enabled=main)
+    if start >= cfg.steps:
+        messages.append(f"{run_dir} is already at step {start} of steps={cfg.steps}; raise steps "
+                        "to train further or use a new run_dir")
     for m in messages:
         logger.message(m)
     skipped = sorted({f"{k}: {', '.join(d)}" for k, v in spec.abstract.items()
