@@ -122,13 +122,15 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokens, c
     assert all(np.isfinite(v).all() for v in final_params(tmp_path / "run").values())
 
 
-@pytest.mark.parametrize("case", ["vocab", "missing", "empty_glob", "too_short", "mesh", "unknown_key"])
+@pytest.mark.parametrize("case", ["vocab", "missing", "empty_glob", "too_short", "mesh", "unknown_key",
+                                  "init_from"])
 def test_bad_input_is_one_clear_line(tmp_path, tokens, capsys, case):
     extra: dict = {}
     data = tokens
     expect = {"vocab": "outside model.vocab_size=256 in " + str(tmp_path / "big.npy"), "missing": "does not exist",
               "empty_glob": "no file matches", "too_short": "fewer than data.seq_len",
-              "mesh": "do not divide across the mesh", "unknown_key": "optimizer.lrr"}[case]
+              "mesh": "do not divide across the mesh", "unknown_key": "optimizer.lrr",
+              "init_from": "not a repo-jax model directory"}[case]
     if case == "vocab":
         data = write_tokens(tmp_path / "big.npy", 4000, vocab=400)
     elif case == "missing":
@@ -140,6 +142,8 @@ def test_bad_input_is_one_clear_line(tmp_path, tokens, capsys, case):
         np.zeros(10, np.uint16).tofile(data)
     elif case == "mesh":
         extra = {"batch_size": 6}
+    elif case == "init_from":
+        extra = {"init_from": str(tmp_path / "no-model")}
     args = cli_args(tmp_path, data, **extra)
     if case == "unknown_key":
         args.append("optimizer.lrr=1")
@@ -147,4 +151,4 @@ def test_bad_input_is_one_clear_line(tmp_path, tokens, capsys, case):
     assert rc == 2
     assert expect in _one_line_error(err)
     # Nothing was written for a run that could not start.
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()

@@ -77,13 +77,18 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def _init_from(path: str, params: dict, spec: ModelSpec, shardings: dict, log) -> dict:
-    """Load the parameters a model directory has (sharded); keep the fresh init for the
-    rest (RePo maps that plain OLMo-2 lacks) and log exactly which those are."""
+def _init_from_dir(path: str) -> Path:
     model_dir = params_io.resolve_model_dir(path)
     if model_dir is None:
         raise FormatError(f"init_from={path}: not a repo-jax model directory (no repo_jax.json); "
                           "make one with `python -m convert import`")
+    return model_dir
+
+
+def _init_from(path: str, params: dict, spec: ModelSpec, shardings: dict, log) -> dict:
+    """Load the parameters a model directory has (sharded); keep the fresh init for the
+    rest (RePo maps that plain OLMo-2 lacks) and log exactly which those are."""
+    model_dir = _init_from_dir(path)
     target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
               for k, v in spec.abstract.items()}
     loaded = params_io.restore_params(model_dir, target, allow_missing=True)
@@ -124,7 +129,10 @@ def run(cfg: TrainConfig, devices: list | None = None) -> dict[str, Any]:
         eval_data, SampleOrder(eval_data.num_instances, cfg.seed, shuffle=False), 1,
         cfg.micro_batch_size, batch_sh, cfg.model.vocab_size)
 
-    loader.local(0)  # bad data (e.g. token ids >= vocab) fails here, before anything is written
+    # Bad data (e.g. token ids >= vocab) or a bad init_from fail here, before anything is written.
+    loader.local(0)
+    if cfg.init_from and not (run_dir / "checkpoints").exists():
+        _init_from_dir(cfg.init_from)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, cfg.model, cfg.scan_layers)
     messages: list[str] = []
     start = ckpt.latest_step()
