@@ -2,13 +2,14 @@
 with its tokenizer, user errors as one line on stderr, and atomic result files."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-from repo_jax.config import ConfigError
+from repo_jax.config import ATTENTION_IMPLS, ConfigError
 from repo_jax.hf_format import FormatError
 
 
@@ -36,6 +37,24 @@ def tokenizer_path(checkpoint: str | os.PathLike) -> Path | None:
         if folder is not None and (folder / "tokenizer.json").is_file():
             return folder / "tokenizer.json"
     return None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help=(
+        "Hugging Face, repo-jax model or training run directory (its latest checkpoint)"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
+                        help="override the checkpoint's; 'blockwise' for long contexts")
+    parser.add_argument("--rope-scaling-factor", type=float,
+                        help="YaRN factor over the checkpoint's original_max_position_embeddings")
+
+
+def load_from_args(args: argparse.Namespace):
+    """(model, tokenizer) for the options of `add_model_arguments`."""
+    overrides = {name: value for name, value in (
+        ("attention_impl", args.attention_impl),
+        ("rope_scaling_factor", args.rope_scaling_factor)) if value is not None}
+    return load_checkpoint(args.checkpoint, args.dtype, **overrides)
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", **overrides):

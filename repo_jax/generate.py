@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from repo_jax.cli import UserError, add_model_arguments, encode, load_from_args, run
 from repo_jax.model import Olmo2Model, init_cache
 
 
@@ -68,8 +69,10 @@ def _generate(graphdef, state, input_ids, attention_mask, key, temperature, top_
                             attention_mask=jnp.ones((b, 1), jnp.int32), cache=cache)
         key, sub = jax.random.split(key)
         nxt = _pick(out.logits[:, -1], sub, temperature, top_p, greedy)
-        nxt = jnp.where(done, pad_id, nxt)
-        tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
+        shown = jnp.where(done, pad_id, nxt)
+        tokens = jax.lax.dynamic_update_slice(tokens, shown[:, None], (0, step))
+        # Finished rows keep feeding their (in-vocabulary) samples, not the pad id,
+        # which may lie outside the embedding table.
         return step + 1, tokens, out.cache, nxt, done | (nxt == eos_id), key, pos + 1
 
     tokens = jax.lax.while_loop(not_finished, decode_step, init)[1]
@@ -114,25 +117,22 @@ def generate(model: Olmo2Model, input_ids, max_new_tokens: int, temperature: flo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from repo_jax.cli import UserError, encode, load_checkpoint
-
     parser = argparse.ArgumentParser(prog="python -m repo_jax.generate", description=(
         "Continue a prompt with a checkpoint (Hugging Face, repo-jax model or training "
         "run directory), using its tokenizer.json or the dolma2 default."))
-    parser.add_argument("--checkpoint", required=True)
+    add_model_arguments(parser)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError(f"--temperature {args.temperature} / --top-p {args.top_p}: need "
                         "temperature >= 0 and 0 < top-p <= 1")
-    model, tokenizer = load_checkpoint(args.checkpoint, args.dtype)
+    model, tokenizer = load_from_args(args)
     ids = encode(tokenizer, args.prompt, model.config.vocab_size, "--prompt")
     out = np.asarray(generate(model, np.asarray([ids]), args.max_new_tokens, args.temperature,
                               args.top_p, seed=args.seed))[0, len(ids):]
@@ -142,6 +142,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from repo_jax.cli import run
-
     sys.exit(run(main))
