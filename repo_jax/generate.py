@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import types
 from typing import Sequence
 
 import chex
@@ -140,6 +141,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(args.prompt + tokenizer.decode([int(i) for i in out[:eos[0] if eos.size else None]]))
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """The public API is `repo_jax.generate(model, ...)` and the command line is
+    `python -m repo_jax.generate`: one name for both, so calling this module calls
+    `generate`."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(run(main))
