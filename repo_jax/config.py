@@ -6,7 +6,7 @@ onto them with few renames (see `repo_jax/hf_format.py`).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 POSITION_SCHEMES = ("rope", "nope", "repo")
