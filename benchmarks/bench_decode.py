@@ -6,7 +6,7 @@ multiple of 16 so that only a few shapes compile; causal attention makes the
 extra slots irrelevant), taking the logits at the last real token. Both are
 compiled before timing and both must produce the same tokens.
 
-    python benchmarks/bench_decode.py [--preset tiny-repo --prompt 128 --new 128 --batch 1]
+    python -m benchmarks.bench_decode [--preset tiny-repo --prompt 128 --new 128 --batch 1]
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ forward and reports XLA's own buffer plan for it (arguments + outputs + temporar
 `compiled.memory_analysis()`), then runs it and reports its peak RSS. Runs whose plan exceeds --max-run-gb are compiled but not run, so
 the benchmark cannot take a shared machine down.
 
-    python benchmarks/bench_long_context.py [--lengths 2048,4096,8192,16384]
+    python -m benchmarks.bench_long_context [--lengths 2048,4096,8192,16384]
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def main() -> None:
     rows = {}
     for length in [int(x) for x in args.lengths.split(",")]:
         for impl in ("xla", "blockwise"):
-            proc = subprocess.run([sys.executable, __file__, "--child", impl, str(length),
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_long_context",
+                                   "--child", impl, str(length),
                                    "--block-size", str(args.block_size), "--max-run-gb",
                                    str(args.max_run_gb)], capture_output=True, text=True, env=env)
             if proc.returncode != 0:
