@@ -69,8 +69,9 @@ def load_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", **ove
 
 
 def encode(tokenizer, text: str, vocab_size: int, what: str = "text") -> list[int]:
-    """Token ids of `text`, refused when the tokenizer does not fit the model."""
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    """Token ids of `text` as the tokenizer's template gives them (with BOS if it adds
+    one), refused when the tokenizer does not fit the model."""
+    ids = tokenizer.encode(text).ids
     if not ids:
         raise UserError(f"{what} is empty after tokenization; give some text")
     if max(ids) >= vocab_size:

@@ -51,8 +51,14 @@ def draw(positions: np.ndarray, tokens: Sequence[str], heads: Sequence[int], lay
         if n >= len(heads):
             ax.axis("off")
             continue
-        ax.plot(index, index, "--", color="0.7", lw=1, label="integer positions")
-        ax.plot(index, positions[heads[n]], "o-", ms=3, lw=1, label="RePo positions")
+        z = positions[heads[n]]
+        ax.plot(index, z, "o-", ms=3, lw=1, label="RePo positions")
+        ax.plot(index, index, "--", color="0.6", lw=1, label="integer positions")
+        # The diagonal is a reference only: the y range follows the learned positions,
+        # which may span much less (an early checkpoint) or much more than the indices.
+        lo, hi = float(z.min()), float(z.max())
+        pad = max(0.08 * (hi - lo), 1e-3 * max(abs(lo), abs(hi), 1.0))
+        ax.set_ylim(lo - pad, hi + pad)
         ax.set_title(f"layer {layer}, head {heads[n]}", fontsize=9)
         ax.grid(alpha=0.3)
         if n // cols == rows - 1 or n + cols >= len(heads):
