@@ -52,7 +52,7 @@ def _generate(graphdef, state, input_ids, attention_mask, key, temperature, top_
     # Left padding: each row counts positions from its own first real token.
     positions = jnp.maximum(jnp.cumsum(attention_mask, 1) - 1, 0)
     out = model.forward(input_ids, position_ids=positions, attention_mask=attention_mask,
-                        cache=cache)
+                        cache=cache, logits_to_keep=1)
     key, sub = jax.random.split(key)
     first = _pick(out.logits[:, -1], sub, temperature, top_p, greedy)
     done = first == eos_id

@@ -54,6 +54,16 @@ def test_cached_greedy_equals_repeated_full_forwards(schemes, kv_heads):
     np.testing.assert_array_equal(got, _greedy_by_full_forwards(model, prompt, 12))
 
 
+def test_prefill_keeps_only_the_logits_it_needs():
+    model = _model(("rope", "rope", "repo", "repo"))
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 9)), jnp.int32)
+    full = model.forward(ids)
+    last = model.forward(ids, logits_to_keep=1)
+    assert last.logits.shape == (2, 1, 256)
+    np.testing.assert_allclose(last.logits, full.logits[:, -1:], atol=1e-5)
+    np.testing.assert_allclose(last.positions[3], full.positions[3])  # positions stay whole
+
+
 def test_left_padded_batch_equals_each_prompt_alone():
     model = _model(("rope", "rope", "repo", "repo"))
     rng = np.random.default_rng(1)
