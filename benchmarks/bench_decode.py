@@ -3,7 +3,8 @@ the whole prefix for every new token, side by side, with the ratio.
 
 The recompute baseline is a jitted full forward over the prefix (rounded up to a
 multiple of 16 so that only a few shapes compile; causal attention makes the
-extra slots irrelevant), taking the logits at the last real token. Both are
+extra slots irrelevant) that computes logits for its last 16 positions only and
+takes those of the last real token. Both are
 compiled before timing and both must produce the same tokens.
 
     python -m benchmarks.bench_decode [--preset tiny-repo --prompt 128 --new 128 --batch 1]
@@ -30,8 +31,8 @@ def recompute_prefix(forward, state, prompt: np.ndarray, new: int) -> np.ndarray
     ids[:, :t] = prompt
     for cur in range(t, t + new):
         bucket = -(-cur // BUCKET) * BUCKET
-        logits = forward(state, ids[:, :bucket])
-        ids[:, cur] = np.asarray(jnp.argmax(logits[:, cur - 1], -1))
+        logits = forward(state, ids[:, :bucket])  # the last BUCKET positions' logits
+        ids[:, cur] = np.asarray(jnp.argmax(logits[:, cur - 1 - (bucket - BUCKET)], -1))
     return ids[:, :t + new]
 
 
@@ -63,7 +64,7 @@ def main() -> None:
     model = rj.Olmo2Model(cfg, rngs=nnx.Rngs(0))
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.prompt))
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward(x, logits_to_keep=BUCKET).logits)
 
     prefill_s, _ = timed(lambda: rj.generate(model, prompt, 1, eos_id=-1))
     cached_s, cached = timed(lambda: rj.generate(model, prompt, args.new, eos_id=-1))
