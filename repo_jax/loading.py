@@ -1,9 +1,7 @@
 """Build models: fresh, abstract, or filled from Hugging Face style weights."""
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -13,11 +11,9 @@ import numpy as np
 from flax import nnx
 
 from repo_jax.config import ModelConfig
-from repo_jax.hf_format import FormatError, config_from_hf, hf_to_path, path_to_hf
+from repo_jax.hf_format import FormatError, hf_to_path, path_to_hf
 from repo_jax.model import Olmo2Model
-from repo_jax.safetensors_io import hf_safetensors
-
-_REPO_KEY = re.compile(r"layers\.(\d+)\.self_attn\.(gate_map|content_map|final_map)\.weight$")
+from repo_jax.sources import open_source
 
 
 def abstract_model(cfg: ModelConfig, **kwargs) -> Olmo2Model:
@@ -29,11 +25,6 @@ def param_count(cfg: ModelConfig) -> int:
     """Number of parameters, counted without allocating them."""
     state = nnx.state(abstract_model(cfg), nnx.Param)
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
-
-
-def repo_layers_in(keys: Iterable[str]) -> tuple[int, ...]:
-    """The layers whose RePo maps appear among tensor names."""
-    return tuple(sorted({int(m.group(1)) for k in keys if (m := _REPO_KEY.search(k))}))
 
 
 def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
@@ -75,29 +66,18 @@ def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def load_hf(path: str | os.PathLike, dtype: str = "float32", **overrides) -> Olmo2Model:
-    """A Hugging Face directory (config.json + safetensors, single or sharded)."""
-    path = Path(path)
-    config_file = path / "config.json"
-    try:
-        hf = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise FormatError(f"{config_file}: not found; point at a Hugging Face checkpoint "
-                          "directory") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{config_file}: not valid JSON ({e})") from None
-    files = hf_safetensors(path)
-    cfg = config_from_hf(hf, weight_repo_layers=repo_layers_in(files), source=str(config_file),
-                         param_dtype=dtype, dtype=dtype, **overrides)
-    return model_from_tensors(cfg, files, lambda k: files[k].get(k), str(path))
+def load_checkpoint(path: str | os.PathLike, dtype: str = "float32", **overrides) -> Olmo2Model:
+    """A Hugging Face directory (config.json + safetensors or pytorch_model.bin, single
+    or sharded) or an OLMo training checkpoint (config.yaml + model.safetensors/.pt)."""
+    source = open_source(path, param_dtype=dtype, dtype=dtype, **overrides)
+    return model_from_tensors(source.config, source.names, source.read, str(path))
 
 
 def load_model(path: str | os.PathLike, dtype: str = "float32", **overrides) -> Olmo2Model:
-    """Load a model from a Hugging Face style directory (config.json + safetensors),
-    a repo-jax model directory (repo_jax.json + Orbax params) or a training run
-    directory (its latest checkpoint). `dtype` sets both
-    parameter and compute dtype; `overrides` change other `ModelConfig` fields
-    (e.g. attention_impl)."""
+    """Load a model from a Hugging Face directory, an OLMo training checkpoint
+    directory, a repo-jax model directory (repo_jax.json + Orbax params) or a training
+    run directory (its latest checkpoint). `dtype` sets both parameter and compute
+    dtype; `overrides` change other `ModelConfig` fields (e.g. attention_impl)."""
     from repo_jax import params_io
 
     path = Path(path)
@@ -106,9 +86,7 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", **overrides) -> 
     model_dir = params_io.resolve_model_dir(path)
     if model_dir is not None:
         return params_io.load_model_dir(model_dir, dtype, **overrides)
-    if (path / "config.json").exists():
-        return load_hf(path, dtype, **overrides)
-    raise FormatError(f"{path}: no config.json; point at a Hugging Face checkpoint directory")
+    return load_checkpoint(path, dtype, **overrides)
 
 
 def iter_hf_tensors(model: Olmo2Model) -> Iterable[tuple[str, np.ndarray]]:

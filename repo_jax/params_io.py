@@ -12,13 +12,21 @@ Layout of a model directory (written by `convert import`, read by `load_model`,
 
 Keys are the dotted NNX parameter paths, so the parameter tree is the same for
 scanned and unscanned execution; `scan_layers` is recorded for information only.
+
+Two writers make the same `params/`: `save_params` hands a whole (possibly sharded)
+tree to Orbax, which is what training does; `ParamsWriter` writes one tensor, one
+block of rows at a time, so converting a checkpoint never holds the model in memory.
+It uses tensorstore directly in the layout Orbax itself writes and restores (an OCDBT
+key-value store of zarr arrays named by the keys, plus the `_METADATA` tree). Both
+are read back by `restore_params` (Orbax) and, block by block, by `ParamsReader`.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import numpy as np
@@ -147,3 +155,154 @@ def load_model_dir(directory: str | os.PathLike, dtype: str | None = None, **ove
     for path, var in flat.items():
         var.set_value(values[path_key(path)])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ---- streaming access to DIR/params ------------------------------------------------
+_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
+
+
+def _zarr_dtype(dtype: np.dtype) -> str:
+    # zarr v2 has no bfloat16; tensorstore (and so Orbax) spells it like this.
+    return "bfloat16" if dtype.name == "bfloat16" else dtype.str
+
+
+class ParamsWriter:
+    """Writes DIR/params tensor by tensor, each from an iterator of row blocks.
+
+    Each array is chunked by the blocks it is written in, and a block is written
+    while the next one is read, so memory holds about two blocks. `close()` writes
+    the metadata that makes the directory an Orbax checkpoint."""
+
+    def __init__(self, directory: str | os.PathLike):
+        import tensorstore as ts
+
+        self._ts = ts
+        self.path = Path(directory).absolute() / PARAMS_DIR
+        self.path.mkdir(parents=True)
+        self._kvstore = {"driver": "ocdbt", "base": f"file://{self.path}/"}
+        # No fsync per write (it halves throughput); close() syncs everything once.
+        self._context = ts.Context({"file_io_sync": False})
+        self._tree: dict[str, Any] = {}
+        self._started = time.time_ns()
+
+    def write(self, key: str, shape: tuple[int, ...], dtype: Any, blocks: Iterable[np.ndarray],
+              axis: int = 0, block_rows: int | None = None) -> None:
+        """Write parameter `key` from consecutive slabs along `axis`, each
+        `block_rows` thick (the last may be thinner)."""
+        if key in self._tree:
+            raise ValueError(f"parameter {key!r} written twice")
+        dtype, shape = np.dtype(dtype), tuple(int(s) for s in shape)
+        chunks = list(shape)
+        if shape:
+            chunks[axis] = max(1, min(block_rows or shape[axis], shape[axis]))
+        array = self._ts.open({
+            "driver": "zarr", "kvstore": {**self._kvstore, "path": key},
+            # Weights hardly compress; skipping it keeps conversion at disk speed.
+            "metadata": {"shape": list(shape), "chunks": chunks, "dtype": _zarr_dtype(dtype),
+                         "compressor": None},
+            "create": True}, context=self._context).result()
+        done, pending = 0, None
+        for block in blocks:
+            rows = block.shape[axis] if shape else 1
+            index = tuple(slice(done, done + rows) if d == axis else slice(None)
+                          for d in range(len(shape)))
+            if block.shape != tuple(rows if d == axis else n for d, n in enumerate(shape)):
+                raise ValueError(f"parameter {key!r}: block of shape {block.shape} does not fit "
+                                 f"{shape} at row {done}")
+            if pending is not None:
+                pending[0].result()
+            # Keep the block referenced until tensorstore has written it.
+            pending = (array[index].write(np.asarray(block, dtype)), block)
+            done += rows
+        if pending is not None:
+            pending[0].result()
+        if done != (shape[axis] if shape else 1):
+            raise ValueError(f"parameter {key!r}: got {done} rows of {shape}")
+        self._tree[str((key,))] = {
+            "key_metadata": [{"key": key, "key_type": 2}],
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
+                               "write_shape": list(shape)}}
+
+    def close(self) -> None:
+        """Write the metadata Orbax reads (the same files StandardCheckpointer writes)
+        and make everything durable."""
+        meta = {"tree_metadata": self._tree, "use_ocdbt": True, "use_zarr3": False,
+                "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+        (self.path / "_METADATA").write_text(json.dumps(meta))
+        (self.path / "_CHECKPOINT_METADATA").write_text(json.dumps({
+            "item_handlers": _HANDLER, "metrics": {}, "performance_metrics": {},
+            "init_timestamp_nsecs": self._started, "commit_timestamp_nsecs": time.time_ns(),
+            "custom_metadata": {}}))
+        for root, _, files in os.walk(self.path):
+            for name in [*files, "."]:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+
+class ParamsReader:
+    """Reads arrays of DIR/params a block at a time, whichever writer made it."""
+
+    def __init__(self, directory: str | os.PathLike):
+        import tensorstore as ts
+
+        self._ts = ts
+        self.path = Path(directory).absolute() / PARAMS_DIR
+        f = self.path / "_METADATA"
+        try:
+            meta = json.loads(f.read_text())
+            entries = meta["tree_metadata"].values()
+            self._keys = [e["key_metadata"][0]["key"] for e in entries
+                          if len(e["key_metadata"]) == 1]
+        except FileNotFoundError:
+            raise FormatError(f"{f}: not found; {directory} has no saved parameters") from None
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError, AttributeError):
+            raise FormatError(f"{f}: not Orbax parameter metadata; the checkpoint is "
+                              "damaged") from None
+        if len(self._keys) != len(meta["tree_metadata"]):
+            raise FormatError(f"{f}: parameters are not a flat dict of dotted paths; not a "
+                              "repo-jax model directory")
+        driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+        if meta.get("use_ocdbt", True):
+            self._spec = lambda k: {"driver": driver, "kvstore": {
+                "driver": "ocdbt", "base": f"file://{self.path}/", "path": k}}
+        else:
+            self._spec = lambda k: {"driver": driver,
+                                    "kvstore": {"driver": "file", "path": f"{self.path}/{k}"}}
+        self._context = ts.Context()
+        self._open: dict[str, Any] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def array(self, key: str):
+        """The tensorstore array of `key` (opened once; reading it reads the disk)."""
+        if key not in self._open:
+            try:
+                self._open[key] = self._ts.open(self._spec(key), open=True, read=True,
+                                                context=self._context).result()
+            except ValueError as e:
+                raise FormatError(f"{self.path}: cannot open parameter {key!r} "
+                                  f"({str(e).splitlines()[0]}); the checkpoint is "
+                                  "damaged") from None
+        return self._open[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.array(key).domain.shape)
+
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(self.array(key).dtype.numpy_dtype)
+
+    def chunk_rows(self, key: str, axis: int) -> int:
+        """Extent of one stored chunk along `axis` (reads aligned to it touch no chunk twice)."""
+        return int(self.array(key).chunk_layout.read_chunk.shape[axis])
+
+    def read(self, key: str, axis: int = 0, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) along `axis` of parameter `key`."""
+        array = self.array(key)
+        if array.rank == 0:
+            return np.asarray(array.read().result())
+        index = tuple(slice(start, stop) if d == axis else slice(None) for d in range(array.rank))
+        return np.asarray(array[index].read().result())
