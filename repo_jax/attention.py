@@ -9,6 +9,8 @@ that every kernel (and the KV cache) shares one rule:
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -33,6 +35,144 @@ def _xla(q, k, v, mask):
     return out.reshape(b, tq, h, d).astype(q.dtype)
 
 
+# Segments given to the rows and columns added to fill the last tile: they differ from
+# each other and from every real segment (>= -2), so nothing ever sees them.
+_PAD_Q_SEGMENT, _PAD_KV_SEGMENT = -3, -4
+
+
+def _tiles(x: jnp.ndarray, block: int, fill=0) -> jnp.ndarray:
+    """[B, T, ...] -> [T / block, B, block, ...], padding T up with `fill`."""
+    b, t = x.shape[:2]
+    n = -(-t // block)
+    x = jnp.pad(x, [(0, 0), (0, n * block - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(b, n, block, *x.shape[2:]), 1, 0)
+
+
+def _untile(x: jnp.ndarray, t: int) -> jnp.ndarray:
+    """Inverse of `_tiles`: [n, B, block, ...] -> [B, t, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
+
+
+def _tile_logits(qb, kb, mask, scale):
+    """Scaled float32 logits [B, KV, G, bq, bk] of one tile, -inf where hidden."""
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
+    return jnp.where(mask[:, None, None], s, -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, q_index, kv_index, q_segment, kv_segment, block):
+    return _flash_fwd(q, k, v, q_index, kv_index, q_segment, kv_segment, block)[0]
+
+
+def _flash_fwd(q, k, v, q_index, kv_index, q_segment, kv_segment, block):
+    b, tq, h, d = q.shape
+    tk, kv = k.shape[1], k.shape[2]
+    bq, bk = min(block, tq), min(block, tk)
+    scale = d ** -0.5
+    q_t = _tiles(q.reshape(b, tq, kv, h // kv, d), bq)
+    qi_t, qs_t = _tiles(q_index, bq), _tiles(q_segment, bq, _PAD_Q_SEGMENT)
+    k_t, v_t = _tiles(k, bk), _tiles(v, bk)
+    ki_t, ks_t = _tiles(kv_index, bk), _tiles(kv_segment, bk, _PAD_KV_SEGMENT)
+
+    def q_block(args):
+        qb, qi, qs = args
+
+        def kv_block(carry, xs):
+            kb, vb, ki, ks = xs
+            mask = visible(qi, ki, qs, ks)
+
+            def update(carry):
+                m, l, acc = carry
+                s = _tile_logits(qb, kb, mask, scale)
+                m_new = jnp.maximum(m, s.max(-1))
+                # A row that has seen nothing yet keeps m = -inf; shift by 0 instead.
+                shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+                p = jnp.exp(s - shift[..., None])
+                alpha = jnp.exp(m - shift)
+                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vb.dtype), vb,
+                                preferred_element_type=jnp.float32)
+                return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+            # Tiles wholly above the diagonal (or across documents) cost nothing.
+            return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry), None
+
+        shape = (b, kv, h // kv, bq)
+        init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros((*shape, d)))
+        (m, l, acc), _ = jax.lax.scan(kv_block, init, (k_t, v_t, ki_t, ks_t))
+        seen = l > 0  # false only for the rows added to fill the last tile
+        out = acc / jnp.where(seen, l, 1.0)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        return jnp.moveaxis(out, 3, 1), lse  # [B, bq, KV, G, D], [B, KV, G, bq]
+
+    out_t, lse_t = jax.lax.map(q_block, (q_t, qi_t, qs_t))
+    out = _untile(out_t, tq).reshape(b, tq, h, d).astype(q.dtype)
+    residuals = (q, k, v, q_index, kv_index, q_segment, kv_segment, out, lse_t)
+    return out, residuals
+
+
+def _flash_bwd(block, residuals, d_out):
+    """Recompute each tile's probabilities from the saved log-sum-exp (FlashAttention-2
+    backward): dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q."""
+    q, k, v, q_index, kv_index, q_segment, kv_segment, out, lse_t = residuals
+    b, tq, h, d = q.shape
+    tk, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    bq, bk = min(block, tq), min(block, tk)
+    scale = d ** -0.5
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, Tq, H]
+    q_t = _tiles(q.reshape(b, tq, kv, g, d), bq)
+    do_t = _tiles(d_out.reshape(b, tq, kv, g, d), bq)
+    delta_t = jnp.moveaxis(_tiles(delta.reshape(b, tq, kv, g), bq), 2, -1)  # [n, B, KV, G, bq]
+    qi_t, qs_t = _tiles(q_index, bq), _tiles(q_segment, bq, _PAD_Q_SEGMENT)
+    k_t, v_t = _tiles(k, bk), _tiles(v, bk)
+    ki_t, ks_t = _tiles(kv_index, bk), _tiles(kv_segment, bk, _PAD_KV_SEGMENT)
+
+    def kv_block(dq_t, xs):
+        kb, vb, ki, ks = xs
+
+        def q_block(carry, ys):
+            qb, dob, lse, dlt, qi, qs, dq = ys
+            mask = visible(qi, ki, qs, ks)
+
+            def update(args):
+                (dk, dv), dq = args
+                p = jnp.exp(_tile_logits(qb, kb, mask, scale) - lse[..., None])
+                dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p, dob, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bqkgd,bskd->bkgqs", dob, vb, preferred_element_type=jnp.float32)
+                ds = p * (dp - dlt[..., None]) * scale
+                dq = dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, kb, preferred_element_type=jnp.float32)
+                dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qb, preferred_element_type=jnp.float32)
+                return (dk, dv), dq
+
+            carry, dq = jax.lax.cond(jnp.any(mask), update, lambda a: a, (carry, dq))
+            return carry, dq
+
+        zeros = jnp.zeros((b, bk, kv, d), jnp.float32)
+        (dk, dv), dq_t = jax.lax.scan(q_block, (zeros, zeros),
+                                      (q_t, do_t, lse_t, delta_t, qi_t, qs_t, dq_t))
+        return dq_t, (dk, dv)
+
+    dq_t = jnp.zeros(q_t.shape, jnp.float32)
+    dq_t, (dk_t, dv_t) = jax.lax.scan(kv_block, dq_t, (k_t, v_t, ki_t, ks_t))
+    dq = _untile(dq_t, tq).reshape(b, tq, h, d).astype(q.dtype)
+    dk, dv = _untile(dk_t, tk).astype(k.dtype), _untile(dv_t, tk).astype(v.dtype)
+    # Integer index and segment inputs have no cotangent.
+    return dq, dk, dv, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _blockwise(q, k, v, *, q_index, kv_index, q_segment, kv_segment, block_size: int):
+    """Memory-linear attention (FlashAttention's online softmax in plain JAX): the
+    result of `_xla`, computed one [block, block] tile at a time so that neither the
+    forward nor the backward pass holds a [Tq, Tk] array; memory grows linearly with
+    the sequence, which is what lets a 16K-token forward fit on a CPU."""
+    return _flash(q, k, v, q_index.astype(jnp.int32), kv_index.astype(jnp.int32),
+                  q_segment.astype(jnp.int32), kv_segment.astype(jnp.int32), block_size)
+
+
 def _cudnn(q, k, v, mask):
     # jax raises its own clear error when no cuDNN-capable GPU is present.
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
@@ -43,6 +183,9 @@ def attend(q, k, v, *, q_index, kv_index, q_segment, kv_segment, impl: str = "xl
     """q [B,Tq,H,D], k/v [B,Tk,KV,D] (H a multiple of KV) -> [B,Tq,H,D]."""
     if impl == "xla":
         return _xla(q, k, v, visible(q_index, kv_index, q_segment, kv_segment))
+    if impl == "blockwise":
+        return _blockwise(q, k, v, q_index=q_index, kv_index=kv_index, q_segment=q_segment,
+                          kv_segment=kv_segment, block_size=block_size)
     if impl == "cudnn":
         return _cudnn(q, k, v, visible(q_index, kv_index, q_segment, kv_segment))
-    raise ValueError(f"attention_impl={impl!r} is not available; use 'xla' or 'cudnn'")
+    raise ValueError(f"attention_impl={impl!r} is not available; use 'xla', 'blockwise' or 'cudnn'")

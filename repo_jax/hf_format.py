@@ -110,9 +110,27 @@ def config_from_hf(hf: dict[str, Any], *, weight_repo_layers: tuple[int, ...] | 
     if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
         raise FormatError(f"{source}: head_dim={hf['head_dim']} differs from hidden_size / "
                           "num_attention_heads, which OLMo-2 does not do")
-    if rope.get("rope_type", rope.get("type", "default")) == "yarn":
-        fields.update(rope_scaling_factor=float(rope["factor"]),
-                      original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "yarn"):
+        raise FormatError(f"{source}: rope_type={rope_type!r} is not supported; repo-jax "
+                          "implements plain RoPE ('default') and 'yarn'")
+    if rope_type == "yarn":
+        # transformers' YaRN variants that ours (the paper's) does not implement: refuse them
+        # rather than load a model whose rotations silently differ.
+        changed = {k: rope[k] for k in ("attention_factor", "mscale", "mscale_all_dim")
+                   if rope.get(k) is not None}
+        if rope.get("truncate", True) is not True:
+            changed["truncate"] = rope["truncate"]
+        if changed:
+            raise FormatError(f"{source}: YaRN options {changed} are not supported; remove them "
+                              "to use YaRN as in the paper")
+        if "original_max_position_embeddings" not in rope:
+            raise FormatError(f"{source}: rope_type 'yarn' needs "
+                              "original_max_position_embeddings (the pretraining context length)")
+        original = int(rope["original_max_position_embeddings"])
+        # Without a factor, transformers stretches the original length to max_position_embeddings.
+        factor = rope.get("factor") or hf.get("max_position_embeddings", 4096) / original
+        fields.update(rope_scaling_factor=float(factor), original_max_position_embeddings=original,
                       yarn_beta_fast=float(rope.get("beta_fast") or 32.0),
                       yarn_beta_slow=float(rope.get("beta_slow") or 1.0))
     for key, name in (("eos_token_id", "eos_token_id"), ("pad_token_id", "pad_token_id"),

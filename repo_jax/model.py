@@ -208,10 +208,12 @@ class Olmo2Model(nnx.Module):
     def forward(self, input_ids: jnp.ndarray, *, position_ids: jnp.ndarray | None = None,
                 segment_ids: jnp.ndarray | None = None,
                 attention_mask: jnp.ndarray | None = None,
-                cache: KVCache | None = None) -> ModelOutput:
+                cache: KVCache | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """Full forward. `segment_ids` separate packed documents; `attention_mask`
         (1 = token, 0 = padding) hides padding; with `cache`, the T new tokens are
-        written at slots [cache.end, cache.end + T) and attend to everything before."""
+        written at slots [cache.end, cache.end + T) and attend to everything before.
+        `logits_to_keep=N > 0` returns logits for the last N tokens only (a prefill needs
+        one: the [T, V] float32 logits of a 16K prompt alone would take 6.6 GB)."""
         cfg = self.config
         chex.assert_rank(input_ids, 2)
         b, t = input_ids.shape
@@ -244,13 +246,14 @@ class Olmo2Model(nnx.Module):
             if zs is not None:
                 for j, i in enumerate(group):
                     positions[i] = jnp.swapaxes(zs[j], 1, 2)  # [B, H, T]
-        x = self.norm(x)
+        x = self.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
+        kept = x.shape[1]
         # The vocabulary projection on [B*T, d]: XLA:CPU computes the weight gradient of a
         # 3-D x 2-D dot as one product per sequence, then sums them: 2.5x slower at vocab 100k.
-        h = x.reshape(b * t, -1)
+        h = x.reshape(b * kept, -1)
         logits = self.embed_tokens.attend(h) if cfg.tie_word_embeddings else self.lm_head(h)
-        logits = logits.reshape(b, t, -1).astype(jnp.float32)
-        chex.assert_shape(logits, (b, t, cfg.vocab_size))
+        logits = logits.reshape(b, kept, -1).astype(jnp.float32)
+        chex.assert_shape(logits, (b, min(logits_to_keep, t) or t, cfg.vocab_size))
         new_cache = None
         if cache is not None:
             new_cache = KVCache(jnp.concatenate(new_k), jnp.concatenate(new_v), kv_segment,

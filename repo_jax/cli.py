@@ -1,0 +1,97 @@
+"""What the `generate`, `eval` and `positions` command lines share: a checkpoint
+with its tokenizer, user errors as one line on stderr, and atomic result files."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+from repo_jax.config import ATTENTION_IMPLS, ConfigError
+from repo_jax.hf_format import FormatError
+
+
+class UserError(ValueError):
+    """Bad input from the command line; the message names it and the fix."""
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run `main`, turning user errors into one stderr line and exit status 2."""
+    try:
+        return main(argv)
+    except (UserError, FormatError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def tokenizer_path(checkpoint: str | os.PathLike) -> Path | None:
+    """The checkpoint's own tokenizer.json (in DIR, or in the model directory a run
+    directory resolves to), or None to use the dolma2 default."""
+    from repo_jax import params_io
+
+    checkpoint = Path(checkpoint)
+    resolved = params_io.resolve_model_dir(checkpoint) if checkpoint.is_dir() else None
+    for folder in (checkpoint, resolved):
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            return folder / "tokenizer.json"
+    return None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help=(
+        "Hugging Face, repo-jax model or training run directory (its latest checkpoint)"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
+                        help="override the checkpoint's; 'blockwise' for long contexts")
+    parser.add_argument("--rope-scaling-factor", type=float,
+                        help="YaRN factor over the checkpoint's original_max_position_embeddings")
+
+
+def load_from_args(args: argparse.Namespace):
+    """(model, tokenizer) for the options of `add_model_arguments`."""
+    overrides = {name: value for name, value in (
+        ("attention_impl", args.attention_impl),
+        ("rope_scaling_factor", args.rope_scaling_factor)) if value is not None}
+    return load_checkpoint(args.checkpoint, args.dtype, **overrides)
+
+
+def load_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", **overrides):
+    """(model, tokenizer) for any `repo_jax.load_model`-able directory."""
+    from repo_jax.loading import load_model
+    from repo_jax.olmo_data import load_tokenizer
+
+    if not Path(checkpoint).exists():
+        raise UserError(f"--checkpoint {checkpoint}: no such directory")
+    model = load_model(checkpoint, dtype, **overrides)
+    return model, load_tokenizer(tokenizer_path(checkpoint))
+
+
+def encode(tokenizer, text: str, vocab_size: int, what: str = "text") -> list[int]:
+    """Token ids of `text` as the tokenizer's template gives them (with BOS if it adds
+    one), refused when the tokenizer does not fit the model."""
+    ids = tokenizer.encode(text).ids
+    if not ids:
+        raise UserError(f"{what} is empty after tokenization; give some text")
+    if max(ids) >= vocab_size:
+        raise UserError(f"{what} has token id {max(ids)} but the model's vocab_size is "
+                        f"{vocab_size}; put the tokenizer.json the model was trained with in "
+                        "the checkpoint directory")
+    return ids
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write via a temporary file next to `path` and rename, so that a failure
+    never leaves half a file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
