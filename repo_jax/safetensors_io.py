@@ -206,33 +206,29 @@ def _sharded(directory: Path, index: Path, opener) -> dict[str, TensorFile]:
     return out
 
 
+def _hf_weights(directory: str | os.PathLike, filename: str, opener):
+    """Tensor name -> open file for `filename` or its sharded form (`filename.index.json`)."""
+    directory = Path(directory)
+    index = directory / f"{filename}.index.json"
+    if index.exists():
+        return _sharded(directory, index, opener)
+    single = directory / filename
+    if single.exists():
+        f = opener(single)
+        return {name: f for name in f.keys()}
+    raise FormatError(f"{directory}: no {filename} or {filename}.index.json; "
+                      "point at a Hugging Face checkpoint directory")
+
+
 def hf_safetensors(directory: str | os.PathLike) -> dict[str, SafetensorsFile]:
     """Map every tensor name of a HF directory (single file or sharded with index) to
     its file. Raises FormatError naming a missing shard or file."""
-    directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        return _sharded(directory, index, SafetensorsFile)
-    single = directory / "model.safetensors"
-    if single.exists():
-        f = SafetensorsFile(single)
-        return {name: f for name in f.keys()}
-    raise FormatError(f"{directory}: no model.safetensors or model.safetensors.index.json; "
-                      "point at a Hugging Face checkpoint directory")
+    return _hf_weights(directory, "model.safetensors", SafetensorsFile)
 
 
 def hf_torch_bins(directory: str | os.PathLike) -> dict[str, TorchFile]:
     """Like `hf_safetensors` for legacy `pytorch_model.bin` (single or sharded)."""
-    directory = Path(directory)
-    index = directory / "pytorch_model.bin.index.json"
-    if index.exists():
-        return _sharded(directory, index, TorchFile)
-    single = directory / "pytorch_model.bin"
-    if single.exists():
-        f = TorchFile(single)
-        return {name: f for name in f.keys()}
-    raise FormatError(f"{directory}: no pytorch_model.bin or pytorch_model.bin.index.json; "
-                      "point at a Hugging Face checkpoint directory")
+    return _hf_weights(directory, "pytorch_model.bin", TorchFile)
 
 
 class SafetensorsWriter:
