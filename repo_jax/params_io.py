@@ -109,7 +109,9 @@ def saved_shapes(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...
     """Shapes and dtypes of the saved parameters, read from metadata only."""
     import orbax.checkpoint as ocp
 
-    tree = ocp.StandardCheckpointer().metadata(Path(directory).absolute() / PARAMS_DIR).item_metadata.tree
+    # The handler, not a Checkpointer: inside a training step directory the params item
+    # has no step-level metadata of its own, and a Checkpointer would warn about it.
+    tree = ocp.StandardCheckpointHandler().metadata(Path(directory).absolute() / PARAMS_DIR).tree
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in tree.items()}
 
 
@@ -141,8 +143,8 @@ def restore_params(directory: str | os.PathLike, target: dict[str, Any],
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {k: t if getattr(t, "sharding", None) is not None
               else jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=local) for k, t in target.items()}
-    ckpt = ocp.StandardCheckpointer()
-    return ckpt.restore(Path(directory).absolute() / PARAMS_DIR, target)
+    return ocp.StandardCheckpointHandler().restore(Path(directory).absolute() / PARAMS_DIR,
+                                                   args=ocp.args.StandardRestore(target))
 
 
 def load_model_dir(directory: str | os.PathLike, dtype: str | None = None, **overrides) -> nnx.Module:
