@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 import repo_jax as rj
+from repo_jax.train.flops import flops_per_token
 
 
 def step_fn(cfg: rj.ModelConfig):
@@ -29,15 +30,6 @@ def step_fn(cfg: rj.ModelConfig):
         return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
 
     return jax.jit(jax.value_and_grad(loss)), state
-
-
-def matmul_flops_per_token(cfg: rj.ModelConfig, seq: int) -> float:
-    """Forward matmul FLOPs per token (2 per multiply-add), causal attention counted in full."""
-    d, i, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    per_layer = 2 * (d * d * 2 + 2 * d * kv + 3 * d * i) + 2 * 2 * seq * d
-    repo = 2 * (2 * d * cfg.repo_hidden_size + cfg.repo_hidden_size * h)
-    return cfg.num_hidden_layers * per_layer + len(cfg.repo_layers) * repo + 2 * d * cfg.vocab_size
 
 
 def main() -> None:
@@ -66,13 +58,13 @@ def main() -> None:
             jax.block_until_ready(fn(state, ids))
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    flops = {k: matmul_flops_per_token(c, a.seq) for k, c in configs.items()}
+    flops = {k: flops_per_token(c, a.seq) for k, c in configs.items()}
     params = {k: rj.param_count(c) for k, c in configs.items()}
     print(f"config: {a.layers} layers, d={a.hidden}, heads={a.heads}, seq={a.seq}, batch={a.batch}, "
           f"vocab={a.vocab}, RePo from layer {start}; backend={jax.default_backend()}")
     for k in fns:
         print(f"{k:5s} fwd+bwd median {med[k] * 1e3:8.1f} ms  params {params[k]:,}  "
-              f"fwd FLOPs/token {flops[k]:,.0f}")
+              f"training FLOPs/token {flops[k]:,.0f}")
     print(f"time ratio RePo/RoPE: {med['repo'] / med['rope']:.3f}  "
           f"(FLOP ratio {flops['repo'] / flops['rope']:.4f}, "
           f"param ratio {params['repo'] / params['rope']:.4f})")
