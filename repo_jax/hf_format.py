@@ -12,7 +12,6 @@ from typing import Any
 from repo_jax.config import ConfigError, ModelConfig, layer_schemes
 
 REPO_MODE = "swigluex_multihead"
-REPO_MAPS = ("gate_map", "content_map", "final_map")
 _LINEAR = re.compile(r"(_proj|_map)$")
 
 

