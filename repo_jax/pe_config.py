@@ -121,23 +121,24 @@ def layer_schemes_from(pe: Mapping[str, Any] | None, num_layers: int,
     weights = None if weight_repo_layers is None else tuple(sorted(weight_repo_layers))
     if weights is not None and mode == REPO and weights != authors.layers:
         if other is None or weights != other.layers:
-            gives = f"RePo on layers {list(authors.layers)} as the authors' code reads it " \
-                    f"({authors.keys})"
+            gives = (f"RePo on layers {list(authors.layers)} as the authors' code reads it "
+                     f"({authors.keys})")
             if other is not None:
-                gives += f" and on layers {list(other.layers)} as {other.keys} say"
+                gives += f" and on layers {list(other.layers)} with the other spelling ({other.keys})"
             raise FormatError(f"{source}: {where}dynamic_pe_mode={mode!r} gives {gives}, but the "
                               f"weights have RePo maps on layers {list(weights)}; set both "
-                              f"spellings of the start layer / layer ids to the weights' layers")
+                              "spellings of the start layer / layer ids to the weights' layers")
         chosen = other
-        warnings.warn(f"{source}: the weights have RePo maps on layers {list(other.layers)}, as "
-                      f"{other.keys} say, but the authors' code reads {authors.keys} and would "
-                      f"put RePo on layers {list(authors.layers)}; loading RePo on layers "
-                      f"{list(other.layers)} as the weights have it (`python -m convert export` "
-                      "writes both spellings equal)", PeConfigWarning, stacklevel=2)
+        warnings.warn(f"{source}: the weights have RePo maps on layers {list(other.layers)} "
+                      f"({other.keys}), but the authors' code reads only the {spelling}_pe_* keys "
+                      f"and would put RePo on layers {list(authors.layers)} ({authors.keys}); "
+                      f"loading RePo on layers {list(other.layers)} as the weights have it "
+                      "(`python -m convert export` writes both spellings equal)", PeConfigWarning,
+                      stacklevel=2)
     elif weights and mode != REPO:
         says = (f"has no {where.rstrip('.')}" if absent else
-                f"{where}dynamic_pe_mode={mode!r}" if "dynamic_pe_mode" in pe else
-                f"{where}dynamic_pe_mode is not set")
+                f"says {where}dynamic_pe_mode={mode!r}" if "dynamic_pe_mode" in pe else
+                f"does not set {where}dynamic_pe_mode")
         raise FormatError(f"{source}: the weights have RePo maps on layers {list(weights)} but "
                           f"the config {says}, which the authors' code reads as no RePo layers; "
                           f"set {where}dynamic_pe_mode={REPO!r} and the start layer / layer ids "
@@ -145,9 +146,9 @@ def layer_schemes_from(pe: Mapping[str, Any] | None, num_layers: int,
     elif mode == NOPE and other is not None:
         warnings.warn(f"{source}: {where}dynamic_pe_mode='nope' is on layers "
                       f"{list(authors.layers)} as the authors' code reads it ({authors.keys}) but "
-                      f"on layers {list(other.layers)} by {other.keys}; NoPE layers have no "
-                      "weights to tell, so following the authors' code", PeConfigWarning,
-                      stacklevel=2)
+                      f"on layers {list(other.layers)} with the other spelling ({other.keys}); "
+                      "NoPE layers have no weights to tell, so following the authors' code",
+                      PeConfigWarning, stacklevel=2)
     scheme = SCHEME_OF_MODE[mode]
     return tuple(scheme if i in chosen.layers else "rope" for i in range(num_layers))
 
