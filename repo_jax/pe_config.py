@@ -86,7 +86,7 @@ def _reading(pe: Mapping[str, Any], spelling: str, num_layers: int, source: str,
     return _Reading(tuple(sorted({i for i in ids if start <= i < num_layers})), shown)
 
 
-def mode_of(pe: Mapping[str, Any], where: str) -> str:
+def _mode(pe: Mapping[str, Any], where: str) -> str:
     """`dynamic_pe_mode`, checked: one of the modes repo-jax implements."""
     mode = pe.get("dynamic_pe_mode")
     if mode is None:
@@ -109,7 +109,7 @@ def layer_schemes_from(pe: Mapping[str, Any] | None, num_layers: int,
     RePo maps the weights hold (None: the settings alone decide)."""
     absent = pe is None
     pe = pe or {}
-    mode = mode_of(pe, f"{source}: {where}")
+    mode = _mode(pe, f"{source}: {where}")
     authors = _reading(pe, spelling, num_layers, source, where)
     other_spelling = next(s for s in _SPELLINGS if s != spelling)
     other = None
@@ -124,7 +124,8 @@ def layer_schemes_from(pe: Mapping[str, Any] | None, num_layers: int,
             gives = (f"RePo on layers {list(authors.layers)} as the authors' code reads it "
                      f"({authors.keys})")
             if other is not None:
-                gives += f" and on layers {list(other.layers)} with the other spelling ({other.keys})"
+                gives += (f" and on layers {list(other.layers)} with the other spelling "
+                          f"({other.keys})")
             raise FormatError(f"{source}: {where}dynamic_pe_mode={mode!r} gives {gives}, but the "
                               f"weights have RePo maps on layers {list(weights)}; set both "
                               "spellings of the start layer / layer ids to the weights' layers")

@@ -155,7 +155,8 @@ CASES = {
         "  dynamic_pe_mode: 'nope'\n  dynamic_pe_start_layer: 0\n"), (), schemes(nope=range(4)),
         False),
     "5 OLMo fork ids '0,1,3' start 1": ("olmo-pt", allenai_yaml(
-        f"  dynamic_pe_mode: {REPO}\n  dynamic_pe_start_layer: 1\n  dynamic_pe_layer_ids: '0,1,3'\n"),
+        f"  dynamic_pe_mode: {REPO}\n  dynamic_pe_start_layer: 1\n"
+        "  dynamic_pe_layer_ids: '0,1,3'\n"),
         (1, 3), schemes(repo=(1, 3)), False),
 }
 
@@ -258,8 +259,8 @@ def test_convert_import_refuses_when_no_reading_matches(plain, tmp_path, capsys)
     """Weights on [1, 2, 3]; the authors' reading gives [2, 3], the other spelling
     [0, 1, 2, 3]: one error line listing each reading and the weights' layers."""
     sd = add_repo_maps(dict(plain["sd"]), reference_config(schemes(repo=(1, 2, 3))))
-    write_hf_dir(tmp_path / "src", sd, None, {**plain["model"].config.to_dict(),
-                                              "pe_config": peconfig_pe(REPO, dynmaic_pe_start_layer=2)})
+    pe = peconfig_pe(REPO, dynmaic_pe_start_layer=2)
+    write_hf_dir(tmp_path / "src", sd, None, {**plain["model"].config.to_dict(), "pe_config": pe})
     capsys.readouterr()
     assert main(["import", str(tmp_path / "src"), str(tmp_path / "dst")]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
