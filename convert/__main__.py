@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from convert.exporter import DEFAULT_SHARD_SIZE
 from convert.importer import DTYPES
@@ -40,6 +41,23 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    show = warnings.showwarning
+
+    def one_line(message, category, *rest):
+        # A checkpoint read with a warning (repo_jax.pe_config) says so in one line.
+        from repo_jax.pe_config import PeConfigWarning
+
+        if issubclass(category, PeConfigWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     # Imported here so that --help answers without loading JAX.
     from convert.exporter import export_model

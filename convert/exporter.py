@@ -2,8 +2,11 @@
 checkpoint) -> a Hugging Face directory: config.json plus sharded safetensors and
 their index, written one row block at a time.
 
-Plain models load in upstream `transformers`; RePo models carry `pe_config` with the
-start layer and layer ids under both spellings the authors' loaders read.
+Plain models load in upstream `transformers`. `pe_config` says the mode ('none',
+'nope' or RePo's 'swigluex_multihead') with the start layer and layer ids under both
+spellings, equal, so that the authors' code reads what the model is; a model it cannot
+express (RePo and NoPE layers together) is exported with a note saying what their
+code will run instead.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from convert.importer import DTYPES, NP_DTYPES
 from convert.staging import check_destination, staged
 from repo_jax import params_io
 from repo_jax.hf_format import FormatError, config_to_hf, path_to_hf
+from repo_jax.pe_config import export_note
 from repo_jax.safetensors_io import SafetensorsWriter
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -116,6 +120,9 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | No
     seconds = time.perf_counter() - started
     log(f"exported {len(tensors)} tensors, {sum(sizes) / 1e6:.1f} MB ({dtype}) from {model_dir} to "
         f"{dst} in {len(files)} file(s) in {seconds:.1f} s")
+    note = export_note(cfg.layer_schemes)
+    if note:
+        log(f"note: {note}")
     return {"model_dir": str(model_dir), "files": files, "bytes": sum(sizes), "seconds": seconds,
-            "dtype": dtype}
+            "dtype": dtype, "note": note}
 

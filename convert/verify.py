@@ -3,8 +3,8 @@ model in JAX on fixed token sequences and compare the logits.
 
 The PyTorch side reads the source files with its own readers (transformers,
 safetensors.torch, torch.load with weights_only=True) and runs upstream
-`transformers` for plain OLMo-2 Hugging Face checkpoints and the independent
-reference (`convert/torch_reference.py`) otherwise, so a mistake in our readers or
+`transformers` for plain (all-RoPE) OLMo-2 Hugging Face checkpoints and the
+independent reference (`convert/torch_reference.py`) otherwise (RePo, NoPE, OLMo layout), so a mistake in our readers or
 name mapping shows up as a logit difference. With `--dtype bfloat16` the PyTorch
 weights are rounded to bfloat16 too and both sides compute in float32: what is
 checked is that the weights arrived unchanged, not what bfloat16 costs.
@@ -71,7 +71,7 @@ def torch_logits(source, cfg, ids: np.ndarray, dtype: str) -> tuple[np.ndarray, 
         return t.to(torch.bfloat16).float() if dtype == "bfloat16" else t
 
     tokens = torch.from_numpy(ids).long()
-    if source.kind.startswith("hf") and not cfg.repo_layers:
+    if source.kind.startswith("hf") and set(cfg.layer_schemes) == {"rope"}:
         from transformers import Olmo2ForCausalLM
         from transformers.utils import logging as hf_logging
 

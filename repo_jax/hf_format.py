@@ -9,14 +9,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from repo_jax.config import ConfigError, ModelConfig, layer_schemes
+from repo_jax.config import ConfigError, ModelConfig
+from repo_jax.errors import FormatError
+from repo_jax.pe_config import AUTHORS_HF, hf_pe_config, layer_schemes_from
 
-REPO_MODE = "swigluex_multihead"
 _LINEAR = re.compile(r"(_proj|_map)$")
-
-
-class FormatError(ValueError):
-    """A checkpoint or its config cannot be read; the message says where and how to fix it."""
 
 
 # ---- tensor names --------------------------------------------------------------
@@ -48,37 +45,13 @@ def path_to_hf(path: tuple[str | int, ...]) -> tuple[str, bool]:
 
 
 # ---- config.json -----------------------------------------------------------------
-def _pe_layers(hf: dict[str, Any], num_layers: int, source: str) -> tuple[int, ...] | None:
-    """RePo layers named by `pe_config`, or None when the config names none."""
-    pe = hf.get("pe_config") or {}
-    mode = pe.get("dynamic_pe_mode")
-    if not mode:
-        return None
-    if mode != REPO_MODE:
-        raise FormatError(f"{source}: pe_config.dynamic_pe_mode={mode!r} is not supported; "
-                          f"only {REPO_MODE!r} (RePo) is")
-
-    def both(name: str, typo: str):
-        a, b = pe.get(name), pe.get(typo)
-        if a is not None and b is not None and a != b:
-            raise FormatError(f"{source}: pe_config.{name}={a!r} disagrees with pe_config.{typo}="
-                              f"{b!r}; make both spellings equal")
-        return a if a is not None else b
-
-    start = both("dynamic_pe_start_layer", "dynmaic_pe_start_layer")
-    ids = both("dynamic_pe_layer_ids", "dynmaic_pe_layer_ids")
-    if ids not in (None, "", []):
-        if isinstance(ids, str):
-            ids = [int(s) for s in ids.replace(" ", "").split(",") if s]
-        return tuple(sorted(int(i) for i in ids))
-    return tuple(range(int(start or 0), num_layers))
-
-
 def config_from_hf(hf: dict[str, Any], *, weight_repo_layers: tuple[int, ...] | None = None,
-                   source: str = "config.json", **overrides: Any) -> ModelConfig:
-    """`ModelConfig` from a parsed HF `config.json`. `weight_repo_layers` are the layers
-    whose RePo maps the weights contain: they decide, and a `pe_config` that names
-    other layers is refused."""
+                   source: str = "config.json", layer_schemes: tuple[str, ...] | None = None,
+                   **overrides: Any) -> ModelConfig:
+    """`ModelConfig` from a parsed HF `config.json`. Its `pe_config` is read as the
+    authors' code reads it, and `weight_repo_layers` (the layers whose RePo maps the
+    weights contain) decide between its readings (see `repo_jax.pe_config`).
+    `layer_schemes`, when given, replaces what `pe_config` says."""
     if hf.get("model_type") != "olmo2":
         raise FormatError(f"{source}: model_type={hf.get('model_type')!r} is not supported; "
                           "repo-jax reads OLMo-2 ('olmo2') checkpoints")
@@ -87,15 +60,14 @@ def config_from_hf(hf: dict[str, Any], *, weight_repo_layers: tuple[int, ...] | 
     if theta is None:
         raise FormatError(f"{source}: neither rope_theta nor rope_parameters.rope_theta is set")
     n = hf["num_hidden_layers"]
-    named = _pe_layers(hf, n, source)
-    repo = weight_repo_layers if weight_repo_layers is not None else (named or ())
-    if weight_repo_layers is not None and named is not None and tuple(named) != tuple(repo):
-        raise FormatError(f"{source}: pe_config names RePo layers {list(named)} but the weights "
-                          f"have RePo maps on layers {list(repo)}; fix pe_config to match the weights")
-    if weight_repo_layers and named is None:
-        raise FormatError(f"{source}: the weights have RePo maps on layers {list(repo)} but "
-                          f"config.json has no pe_config; add pe_config with dynamic_pe_mode="
-                          f"{REPO_MODE!r}")
+    if layer_schemes is None:
+        pe = hf.get("pe_config")
+        if pe is not None and not isinstance(pe, dict):
+            raise FormatError(f"{source}: pe_config={pe!r}: expected a JSON object such as "
+                              '{"dynamic_pe_mode": "swigluex_multihead", "dynmaic_pe_start_layer": '
+                              "5, ...}")
+        layer_schemes = layer_schemes_from(pe, n, weight_repo_layers, source=source,
+                                           where="pe_config.", spelling=AUTHORS_HF)
     fields: dict[str, Any] = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_hidden_layers=n,
@@ -104,7 +76,7 @@ def config_from_hf(hf: dict[str, Any], *, weight_repo_layers: tuple[int, ...] | 
         rope_theta=float(theta), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        layer_schemes=layer_schemes(n, repo_layers=tuple(repo)),
+        layer_schemes=tuple(layer_schemes),
     )
     if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
         raise FormatError(f"{source}: head_dim={hf['head_dim']} differs from hidden_size / "
@@ -144,17 +116,16 @@ def config_from_hf(hf: dict[str, Any], *, weight_repo_layers: tuple[int, ...] | 
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """A `config.json` for upstream `transformers` (and, with RePo, the authors' code,
-    which reads only the misspelled `dynmaic_*` keys: both spellings are written)."""
+    """A `config.json` for upstream `transformers` and the authors' code: `pe_config`
+    says 'none', 'nope' or RePo with both spellings of its layer keys (their code
+    reads only the misspelled `dynmaic_*` ones). A model mixing RePo and NoPE layers
+    is written as RePo (see `repo_jax.pe_config.export_note`)."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling_factor != 1.0:
         rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta,
                 "factor": cfg.rope_scaling_factor,
                 "original_max_position_embeddings": cfg.original_max_position_embeddings,
                 "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow}
-    if "nope" in cfg.layer_schemes:
-        raise FormatError("NoPE layers have no Hugging Face OLMo-2 representation; "
-                          "export a model whose layers are RoPE or RePo only")
     hf: dict[str, Any] = {
         "architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
@@ -167,14 +138,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_word_embeddings, "use_cache": True,
         "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
         "bos_token_id": cfg.bos_token_id, "torch_dtype": cfg.param_dtype,
+        "pe_config": hf_pe_config(cfg.layer_schemes),
     }
     if rope["rope_type"] == "yarn":
         hf["rope_scaling"] = rope
-    if cfg.repo_layers:
-        start = cfg.repo_layers[0]
-        contiguous = cfg.repo_layers == tuple(range(start, cfg.num_hidden_layers))
-        ids = "" if contiguous else ",".join(str(i) for i in cfg.repo_layers)
-        hf["pe_config"] = {"dynamic_pe_mode": REPO_MODE,
-                           "dynamic_pe_start_layer": start, "dynmaic_pe_start_layer": start,
-                           "dynamic_pe_layer_ids": ids, "dynmaic_pe_layer_ids": ids}
     return hf

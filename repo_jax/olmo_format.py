@@ -17,8 +17,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from repo_jax.config import ModelConfig
-from repo_jax.hf_format import REPO_MODE, FormatError, config_from_hf
+from repo_jax.errors import FormatError
+from repo_jax.hf_format import config_from_hf
+from repo_jax.pe_config import AUTHORS_OLMO, layer_schemes_from
 
 CONFIG_FILE = "config.yaml"
 WEIGHT_FILES = ("model.safetensors", "model.pt")  # OLMo itself prefers the safetensors file
@@ -47,6 +51,25 @@ _ARCHITECTURE = {
     "block_type": ("sequential", "sequential"), "clip_qkv": (None, None),
     "scale_logits": (False, False), "embedding_layer_norm": (False, False),
     "layer_norm_with_affine": (True, True), "attention_layer_norm_with_affine": (True, True),
+}
+
+# model.<key>: the type OLMo's ModelConfig (and, for dynamic_pe_*, the authors' fork of
+# it) declares, and whether it may be null. Every key repo-jax reads is checked before
+# use; numbers written as strings are converted, as OmegaConf's typed fields do.
+_INT, _FLOAT, _BOOL, _STR = "an integer", "a number", "true or false", "a string"
+_TYPES: dict[str, tuple[str, bool]] = {
+    **{k: (_INT, False) for k in ("d_model", "n_heads", "n_layers", "mlp_ratio", "vocab_size",
+                                  "max_sequence_length", "eos_token_id", "pad_token_id",
+                                  "dynamic_pe_start_layer", "dynmaic_pe_start_layer")},
+    **{k: (_INT, True) for k in ("n_kv_heads", "mlp_hidden_size", "embedding_size")},
+    **{k: (_FLOAT, False) for k in ("rope_theta", "layer_norm_eps")},
+    "clip_qkv": (_FLOAT, True),
+    **{k: (_BOOL, False) for k, (want, _) in _ARCHITECTURE.items() if isinstance(want, bool)},
+    "weight_tying": (_BOOL, False),
+    **{k: (_BOOL, True) for k in ("multi_query_attention", "bias_for_layer_norm")},
+    **{k: (_STR, False) for k in ("layer_norm_type", "activation_type", "block_type",
+                                  "dynamic_pe_mode", "dynamic_pe_layer_ids",
+                                  "dynmaic_pe_layer_ids")},
 }
 
 
@@ -124,14 +147,25 @@ def decode_key(key: str, source: str) -> str:
 
 
 # ---- config.yaml ---------------------------------------------------------------
+class _OlmoYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 (and OmegaConf, which OLMo loads
+    its configs with) does: `1e-6` and `5e5` are numbers, where YAML 1.1 needs a dot
+    and returns the string '1e-6'."""
+
+
+# Appended after PyYAML's own resolvers, so integers and dotted floats resolve as before.
+_OlmoYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."))
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """The `model:` section of an OLMo `config.yaml` (or the file itself when it is
-    a bare model config). YAML tags are refused (safe_load)."""
-    import yaml
-
+    a bare model config), read with YAML 1.2 floats. YAML tags are refused (safe)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_OlmoYamlLoader)
     except FileNotFoundError:
         raise FormatError(f"{path}: not found; point at an OLMo checkpoint directory") from None
     except yaml.YAMLError as e:
@@ -145,13 +179,44 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return model
 
 
+def _typed(value: Any, kind: str) -> Any:
+    """`value` as `kind`, converted as OmegaConf converts it; raises ValueError."""
+    if isinstance(value, bool) != (kind == _BOOL):
+        raise ValueError
+    if kind == _INT and isinstance(value, (int, str)):
+        return int(value)
+    if kind == _FLOAT and isinstance(value, (int, float, str)):
+        return float(value)
+    if kind == _STR and isinstance(value, (str, int, float)):
+        return str(value)
+    if kind == _BOOL:
+        return value
+    raise ValueError
+
+
+def check_types(m: dict[str, Any], source: str) -> dict[str, Any]:
+    """The model config with every key repo-jax reads checked against OLMo's declared
+    type (a bad value names its key and the expected type)."""
+    out = dict(m)
+    for key, (kind, nullable) in _TYPES.items():
+        if key not in m or (m[key] is None and nullable):
+            continue
+        try:
+            out[key] = _typed(m[key], kind)
+        except ValueError:
+            null = " or null" if nullable else ""
+            raise FormatError(f"{source}: model.{key}={m[key]!r}: expected {kind}{null}") from None
+    return out
+
+
 def olmo_config_to_hf(m: dict[str, Any], source: str) -> dict[str, Any]:
-    """The OLMo model config as a HF OLMo-2 `config.json` dict. Refuses OLMo
-    architectures that are not OLMo-2 (pre-norm, biases, LayerNorm, ALiBi, ...)."""
+    """The OLMo model config (types checked by `check_types`) as a HF OLMo-2
+    `config.json` dict, without `pe_config`. Refuses OLMo architectures that are not
+    OLMo-2 (pre-norm, biases, LayerNorm, ALiBi, ...)."""
     for key in ("d_model", "n_heads", "n_layers"):
-        if not isinstance(m.get(key), int):
-            raise FormatError(f"{source}: model.{key}={m.get(key)!r}; an OLMo-2 config needs it "
-                              "as an integer")
+        if key not in m:
+            raise FormatError(f"{source}: model.{key} is missing; an OLMo-2 config needs it as "
+                              "an integer")
     for key, (want, default) in _ARCHITECTURE.items():
         got = m.get(key, default)
         if got != want:
@@ -175,33 +240,19 @@ def olmo_config_to_hf(m: dict[str, Any], source: str) -> dict[str, Any]:
         "tie_word_embeddings": m.get("weight_tying", True),
         "eos_token_id": m.get("eos_token_id", 50256), "pad_token_id": m.get("pad_token_id", 50256),
     }
-    pe = dict(m.get("pe_config") or {})
-    for name in ("dynamic_pe_mode", "dynamic_pe_start_layer", "dynamic_pe_layer_ids"):
-        for spelling in (name, name.replace("dynamic_", "dynmaic_")):
-            if m.get(spelling) is not None:
-                pe.setdefault(spelling, m[spelling])
-    if pe:
-        hf["pe_config"] = pe
     return hf
 
 
 def config_from_olmo(m: dict[str, Any], weight_repo_layers: tuple[int, ...], source: str,
                      **overrides: Any) -> ModelConfig:
-    """`ModelConfig` of an OLMo model config. The weights say which layers are RePo; a
-    config naming other layers is refused."""
+    """`ModelConfig` of an OLMo model config. Its `dynamic_pe_*` keys are read as the
+    authors' OLMo fork reads them, and the weights' RePo layers decide between
+    readings (see `repo_jax.pe_config`)."""
+    m = check_types(m, source)
     hf = olmo_config_to_hf(m, source)
-    try:
-        named = config_from_hf(hf, source=source).repo_layers
-    except KeyError as e:
-        raise FormatError(f"{source}: missing model config key {e}") from None
-    if tuple(named) != tuple(weight_repo_layers):
-        have = (f"RePo maps on layers {list(weight_repo_layers)}" if weight_repo_layers
-                else "no RePo maps")
-        says = (f"dynamic_pe_mode={REPO_MODE!r} on layers {list(named)}" if named
-                else "no dynamic_pe_mode")
-        raise FormatError(f"{source}: the config says {says} but the weights have {have}; set "
-                          "model.dynamic_pe_mode / dynamic_pe_start_layer to match the weights")
-    return config_from_hf(hf, weight_repo_layers=weight_repo_layers, source=source, **overrides)
+    schemes = layer_schemes_from(m, m["n_layers"], weight_repo_layers, source=source,
+                                 where="model.", spelling=AUTHORS_OLMO)
+    return config_from_hf(hf, source=source, layer_schemes=schemes, **overrides)
 
 
 _REPO_MAP_KEY = re.compile(

@@ -131,12 +131,11 @@ CASES = {
                                     ["names shard 'model-00002-of-", "which is missing"]),
     "RePo config disagrees with weights": ("repo", lambda s: _edit_json(s / "config.json", lambda c: c["pe_config"].update(
         dynamic_pe_start_layer=2, dynmaic_pe_start_layer=2)),
-        ["pe_config names RePo layers [2, 3] but the weights have RePo maps on layers [1, 2, 3]"]),
+        ["gives RePo on layers [2, 3] as the authors' code reads it",
+         "the weights have RePo maps on layers [1, 2, 3]"]),
     "RePo weights without pe_config": ("repo", lambda s: _edit_json(s / "config.json",
                                                                     lambda c: c.pop("pe_config")),
                                        ["RePo maps on layers [1, 2, 3]", "no pe_config"]),
-    "start-layer spellings disagree": ("repo", lambda s: _edit_json(s / "config.json", lambda c: c["pe_config"].update(
-        dynmaic_pe_start_layer=0)), ["disagrees with pe_config.dynmaic_pe_start_layer"]),
     "non-finite values": ("hf", lambda s: _rewrite(s / "model.safetensors", _nan),
                           ["'model.layers.1.mlp.up_proj.weight'", "NaN or Inf (row 3)"]),
     "truncated .bin": ("hf", lambda s: (save_bin(s, load_file(str(s / "model.safetensors")),

@@ -176,7 +176,7 @@ def test_load_accepts_either_start_layer_spelling_and_rope_parameters(tmp_path):
 
 @pytest.mark.parametrize("mutate,needle", [
     (lambda sd, hf: hf["pe_config"].update(dynamic_pe_start_layer=2, dynmaic_pe_start_layer=2),
-     "pe_config names RePo layers [2, 3] but the weights have RePo maps on layers [1, 2, 3]"),
+     "gives RePo on layers [2, 3] as the authors' code reads it"),
     (lambda sd, hf: hf.pop("pe_config"), "has no pe_config"),
     (lambda sd, hf: hf.update(model_type="llama"), "model_type='llama' is not supported"),
     (lambda sd, hf: sd.pop("model.layers.2.mlp.up_proj.weight"),
