@@ -320,6 +320,24 @@ def test_storage_faults(good, tmp_path, capsys, monkeypatch):
            f"error: {tmp_path}: cannot create a directory there (Read-only file system)")
 
 
+def test_hugging_face_cache_snapshot_links_are_followed(good, tmp_path, capsys):
+    """The one layout whose files link out of their directory: a hub cache snapshot,
+    whose files link to ../../blobs/. It imports; the same links elsewhere do not."""
+    cache = tmp_path / "models--org--tiny"
+    snapshot = cache / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (cache / "blobs").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        blob = cache / "blobs" / f"hash-{name}"
+        shutil.copy(good["base"] / "hf" / name, blob)
+        (snapshot / name).symlink_to(Path("../..") / "blobs" / blob.name)
+    assert main(["import", str(snapshot), str(tmp_path / "dst")]) == 0
+    elsewhere = cache / "other" / "0123abc"
+    shutil.copytree(snapshot, elsewhere, symlinks=True)
+    _fails(["import", elsewhere, tmp_path / "dst2"], capsys, "config.json is a link to",
+           "outside")
+
+
 def test_destination_inside_source(good, tmp_path, capsys):
     src = _copy(good, "hf", tmp_path)
     _fails(["import", src, src / "out"], capsys, "overlaps the source")
