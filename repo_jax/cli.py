@@ -69,8 +69,8 @@ def check_attention_impl(impl: str, what: str) -> None:
 
     platform = jax.devices()[0].platform
     if impl == "cudnn" and platform not in ("gpu", "cuda"):
-        raise UserError(f"{what} cudnn needs an NVIDIA GPU, but JAX runs on {platform} here; "
-                        "use xla or blockwise")
+        raise UserError(f"{what}{'' if what.endswith('=') else ' '}cudnn needs an NVIDIA GPU, "
+                        f"but JAX runs on {platform} here; use xla or blockwise")
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", **overrides):
@@ -81,7 +81,7 @@ def load_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", **ove
     if not Path(checkpoint).exists():
         raise UserError(f"--checkpoint {checkpoint}: no such directory")
     model = load_model(checkpoint, dtype, **overrides)
-    check_attention_impl(model.config.attention_impl, f"{checkpoint}: attention_impl")
+    check_attention_impl(model.config.attention_impl, f"{checkpoint}: attention_impl=")
     path = tokenizer_path(checkpoint)
     try:
         tokenizer = load_tokenizer(path)

@@ -99,6 +99,9 @@ def test_train_config_reading(tmp_path, capsys):
              (["data.max_documents=-2"], "data.max_documents=-2 must be >= 0"),
              (["data.source=text", "data.paths=[x.txt]", "data.eos_token_id=100352"],
               "data.eos_token_id=100352 is outside the model's vocabulary [0, 100352)")]
+    if not ON_GPU:
+        cases.append((["model.attention_impl=cudnn"], "model.attention_impl=cudnn needs an "
+                       "NVIDIA GPU, but JAX runs on cpu here; use xla or blockwise"))
     for argv, fragment in cases:
         capsys.readouterr()
         assert train.main([*argv, f"run_dir={tmp_path / 'run'}"]) == 2

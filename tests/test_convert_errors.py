@@ -341,6 +341,9 @@ def test_hugging_face_cache_snapshot_links_are_followed(good, tmp_path, capsys):
 def test_destination_inside_source(good, tmp_path, capsys):
     src = _copy(good, "hf", tmp_path)
     _fails(["import", src, src / "out"], capsys, "overlaps the source")
+    _fails(["import", src, tmp_path / "dst", "--verify", "--atol", "-1"], capsys,
+           "--atol -1.0: must be a positive number")
+    _nothing_left(tmp_path / "dst")
 
 
 def _evil_pickle(path: Path, marker: Path, tensors: dict):
