@@ -57,7 +57,8 @@ def check_destination(dst: str | os.PathLike, overwrite: bool, *sources: str | o
                           "choose another destination")
     parent = dst.absolute().parent
     if not parent.is_dir():
-        raise FormatError(f"{parent}: no such directory; create it first")
+        raise FormatError(f"{parent}: {'not a directory' if parent.exists() else 'no such directory'}"
+                          "; create the directory first or choose another destination")
     for src in sources:
         s, d = Path(src).resolve(), dst.resolve()
         if d == s or s in d.parents or d in s.parents:
@@ -135,6 +136,10 @@ def staged(dst: str | os.PathLike, overwrite: bool = False,
         if storage is not None:
             raise storage from None
         raise
+    if dst.exists() and not overwrite:  # another process created it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FormatError(f"{dst}: appeared while converting (another conversion?); left it "
+                          "as it is and wrote nothing")
     old = dst.parent / f".{dst.name}.{_owner_tag()}.replaced"
     try:
         if dst.exists():

@@ -234,6 +234,8 @@ def test_existing_destination(good, tmp_path, capsys):
     for extra in ([], ["--overwrite"]):
         _fails(["import", good["base"] / "hf", tmp_path / "afile", *extra], capsys,
                "afile: exists and is not a directory")
+    _fails(["import", good["base"] / "hf", tmp_path / "afile" / "dst"], capsys,
+           "afile: not a directory")
     assert (tmp_path / "afile").read_text() == "mine"
     # An empty directory is replaced; so is a model directory, but only by a
     # conversion that succeeds: a failing one leaves it as it was.
