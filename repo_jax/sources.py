@@ -110,7 +110,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e}); fix or re-save it") from None
     except UnicodeDecodeError:
-        raise FormatError(f"{path}: not a text file; fix or re-save it") from None
+        raise FormatError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
     except OSError as e:
         raise FormatError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(data, dict):

@@ -201,7 +201,7 @@ CASES = {
         s / "config.json", lambda c: c.update(rms_norm_eps=None)),
         ["config.json: rms_norm_eps=None must be a positive number"]),
     "config.json not UTF-8": ("hf", lambda s: (s / "config.json").write_bytes(b'{"a": "\xe9"}'),
-                              ["config.json: not a text file"]),
+                              ["config.json: not UTF-8 text; re-save it as UTF-8"]),
     "truncated .bin": ("hf", lambda s: (save_bin(s, load_file(str(s / "model.safetensors")),
                                                  json.loads((s / "config.json").read_text())),
                                         (s / "model.safetensors").unlink(),
