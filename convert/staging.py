@@ -57,8 +57,9 @@ def check_destination(dst: str | os.PathLike, overwrite: bool, *sources: str | o
                           "choose another destination")
     parent = dst.absolute().parent
     if not parent.is_dir():
-        raise FormatError(f"{parent}: {'not a directory' if parent.exists() else 'no such directory'}"
-                          "; create the directory first or choose another destination")
+        what = "not a directory" if parent.exists() else "no such directory"
+        raise FormatError(f"{parent}: {what}; create the directory first or choose another "
+                          "destination")
     for src in sources:
         s, d = Path(src).resolve(), dst.resolve()
         if d == s or s in d.parents or d in s.parents:

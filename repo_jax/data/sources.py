@@ -1,7 +1,8 @@
 """Token sources: fixed-length instances of `seq_len` tokens, read by index.
 
 * `npy`: OLMo token files, raw uint16/uint32 memmaps (`.npy` in OLMo's naming,
-  no header); a file written by `np.save` (header with its dtype) is read as such. As OLMo's `MemMapDataset` builds them, each file gives
+  no header; a file written by `np.save` is recognised by its header and read
+  with its dtype). As OLMo's `MemMapDataset` builds them, each file gives
   `len(file) // seq_len` consecutive instances and its tail is dropped; the
   files are concatenated in the given order (globs sorted).
 * `text`, `tfds`, `embedded`: documents are tokenized, each followed by EOS,
