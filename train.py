@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="dotted overrides, e.g. steps=100 mesh.fsdp=4 optimizer.lr=1e-4")
     args = parser.parse_args(argv)
 
+    from repo_jax.cli import UserError, check_attention_impl
     from repo_jax.config import ConfigError, TrainConfig
     from repo_jax.data import DataError
     from repo_jax.hf_format import FormatError
@@ -28,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = TrainConfig.load(args.config, args.overrides)
+        check_attention_impl(cfg.model.attention_impl, "model.attention_impl=")
         summary = run(cfg)
-    except (ConfigError, FormatError, DataError) as e:
+    except (ConfigError, FormatError, DataError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -54,12 +55,24 @@ def shards(sizes: list[int], limit: int) -> list[list[int]]:
     return out
 
 
+def is_hf_dir(path: Path) -> bool:
+    """A Hugging Face checkpoint directory, which `--overwrite` may replace: a
+    config.json naming a model_type, and safetensors or pytorch_model weights."""
+    try:
+        config = json.loads((path / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    weights = [*path.glob("model*.safetensors*"), *path.glob("pytorch_model*.bin*")]
+    return isinstance(config, dict) and "model_type" in config and bool(weights)
+
+
 def export_model(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None, *,
                  shard_size: str | int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
                  block_bytes: int = layout.BLOCK_BYTES, log=print) -> dict:
     """Write the HF directory `dst` from the model (or run) directory `src`."""
     limit = shard_size if isinstance(shard_size, int) else parse_size(shard_size)
-    check_destination(dst, overwrite, src)
+    check_destination(dst, overwrite, src, replaceable=is_hf_dir,
+                      kind="Hugging Face checkpoint directory")
     model_dir = params_io.resolve_model_dir(src)
     if model_dir is None:
         raise FormatError(f"{src}: not a repo-jax model directory (no {params_io.META_FILE}) nor "
@@ -90,7 +103,7 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | No
     files = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)])
     started = time.perf_counter()
-    with staged(dst, overwrite) as tmp, \
+    with staged(dst, overwrite, log) as tmp, \
             tqdm(total=sum(sizes), unit="B", unit_scale=True, unit_divisor=1024, desc="export",
                  disable=None, dynamic_ncols=True) as bar:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -7,6 +7,8 @@ blocks, never the model.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -36,6 +38,16 @@ class Item:
     key: str
     transpose: bool
     shape: tuple[int, ...]
+
+
+def is_model_dir(path: Path) -> bool:
+    """A repo-jax model directory, which `--overwrite` may replace: its
+    repo_jax.json says so."""
+    try:
+        return json.loads((path / params_io.META_FILE).read_bytes()).get("format") == \
+            params_io.FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def default_dtype(source: Source) -> str:
@@ -99,7 +111,10 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
     """Convert `src` into the model directory `dst`; returns a summary (and the
     verification figures with `verify`). Raises FormatError (or verify.VerifyError)
     with nothing written."""
-    check_destination(dst, overwrite, src)
+    if atol is not None and not (math.isfinite(atol) and atol > 0):
+        raise FormatError(f"--atol {atol}: must be a positive number")
+    check_destination(dst, overwrite, src, replaceable=is_model_dir,
+                      kind="repo-jax model directory")
     source = open_source(src)
     if dtype is not None and dtype not in DTYPES:
         raise FormatError(f"--dtype {dtype!r}: use one of {DTYPES}")
@@ -111,7 +126,7 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
     started = time.perf_counter()
     summary = {"source": str(Path(src).absolute()), "source_format": source.kind,
                "dtype": dtype, "tensors": len(items), "bytes": total}
-    with staged(dst, overwrite) as tmp:
+    with staged(dst, overwrite, log) as tmp:
         writer = params_io.ParamsWriter(tmp)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="import",
                   disable=None, dynamic_ncols=True) as bar:

@@ -3,6 +3,7 @@ with its tokenizer, user errors as one line on stderr, and atomic result files."
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -54,7 +55,22 @@ def load_from_args(args: argparse.Namespace):
     overrides = {name: value for name, value in (
         ("attention_impl", args.attention_impl),
         ("rope_scaling_factor", args.rope_scaling_factor)) if value is not None}
+    if args.attention_impl is not None:
+        check_attention_impl(args.attention_impl, "--attention-impl")
+    if args.rope_scaling_factor is not None and not math.isfinite(args.rope_scaling_factor):
+        raise UserError(f"--rope-scaling-factor {args.rope_scaling_factor}: must be a number "
+                        ">= 1")
     return load_checkpoint(args.checkpoint, args.dtype, **overrides)
+
+
+def check_attention_impl(impl: str, what: str) -> None:
+    """Refuse a kernel this machine's JAX platform cannot run, before compiling it."""
+    import jax
+
+    platform = jax.devices()[0].platform
+    if impl == "cudnn" and platform not in ("gpu", "cuda"):
+        raise UserError(f"{what}{'' if what.endswith('=') else ' '}cudnn needs an NVIDIA GPU, "
+                        f"but JAX runs on {platform} here; use xla or blockwise")
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", **overrides):
@@ -65,7 +81,28 @@ def load_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", **ove
     if not Path(checkpoint).exists():
         raise UserError(f"--checkpoint {checkpoint}: no such directory")
     model = load_model(checkpoint, dtype, **overrides)
-    return model, load_tokenizer(tokenizer_path(checkpoint))
+    check_attention_impl(model.config.attention_impl, f"{checkpoint}: attention_impl=")
+    path = tokenizer_path(checkpoint)
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise UserError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]}); "
+                        "replace it with the model's tokenizer.json or remove it to use "
+                        "dolma2") from None
+    return model, tokenizer
+
+
+def check_output(path: str | os.PathLike, flag: str) -> Path:
+    """Refuse, before any work, an output path that cannot become a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give a file path")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{flag} {path}: {folder} is a file, not a directory; give another path")
+    return path
 
 
 def encode(tokenizer, text: str, vocab_size: int, what: str = "text") -> list[int]:
@@ -85,13 +122,19 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write via a temporary file next to `path` and rename, so that a failure
     never leaves half a file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as e:
+        raise UserError(f"{path}: cannot write it ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):  # disk full, file-size limit, a directory in the way
+            raise UserError(f"{path}: cannot write it ({e.strerror or e}); nothing was "
+                            "written") from None
         raise
     return path

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 POSITION_SCHEMES = ("rope", "nope", "repo")
@@ -243,6 +244,8 @@ class DataConfig:
             raise ConfigError(f"data.seq_len={self.seq_len} must be at least 2")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.max_documents < 0:
+            raise ConfigError(f"data.max_documents={self.max_documents} must be >= 0 (0 = all)")
 
 
 @dataclass(frozen=True)
@@ -355,6 +358,12 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if self.eval_every < 0 or self.z_loss < 0:
             raise ConfigError("eval_every and z_loss must be >= 0")
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed} must be >= 0")
+        # Only tokenized documents get the EOS appended; npy files hold their own.
+        if self.data.source != "npy" and not 0 <= self.data.eos_token_id < self.model.vocab_size:
+            raise ConfigError(f"data.eos_token_id={self.data.eos_token_id} is outside the model's "
+                              f"vocabulary [0, {self.model.vocab_size}); use the tokenizer's EOS id")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"grad_accum={self.grad_accum} does not divide batch_size="
                               f"{self.batch_size}; pick a divisor")
@@ -381,10 +390,16 @@ class TrainConfig:
         data: dict[str, Any] = {}
         if path is not None:
             try:
-                with open(path) as f:
-                    data = yaml.safe_load(f) or {}
+                data = yaml.safe_load(Path(path).read_bytes().decode("utf-8")) or {}
             except FileNotFoundError:
                 raise ConfigError(f"config file {path} not found") from None
+            except IsADirectoryError:
+                raise ConfigError(f"config file {path} is a directory; give a YAML file") from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); "
+                                  "re-save it as UTF-8") from None
+            except OSError as e:
+                raise ConfigError(f"config file {path}: cannot read it ({e.strerror})") from None
             except yaml.YAMLError as e:
                 raise ConfigError(f"config file {path} is not valid YAML: "
                                   f"{str(e).splitlines()[0]}") from None

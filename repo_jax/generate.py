@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 import types
 from typing import Sequence
@@ -130,11 +131,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    if not (0 <= args.temperature < math.inf) or not 0 < args.top_p <= 1:
         raise UserError(f"--temperature {args.temperature} / --top-p {args.top_p}: need "
                         "temperature >= 0 and 0 < top-p <= 1")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: must be >= 0")
     model, tokenizer = load_from_args(args)
     ids = encode(tokenizer, args.prompt, model.config.vocab_size, "--prompt")
+    cfg = model.config
+    context = int(cfg.max_position_embeddings * cfg.rope_scaling_factor)
+    if len(ids) + args.max_new_tokens > context:
+        # The KV cache is allocated for the whole output up front.
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: with the {len(ids)}-token "
+                        f"prompt that exceeds the model's context of {context} tokens; ask for "
+                        "fewer or extend the context with --rope-scaling-factor")
     out = np.asarray(generate(model, np.asarray([ids]), args.max_new_tokens, args.temperature,
                               args.top_p, seed=args.seed))[0, len(ids):]
     eos = np.flatnonzero(out == model.config.eos_token_id)

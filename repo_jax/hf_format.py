@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -45,6 +46,43 @@ def path_to_hf(path: tuple[str | int, ...]) -> tuple[str, bool]:
 
 
 # ---- config.json -----------------------------------------------------------------
+# config.json keys read here and what each must hold (None: optional).
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+          "num_attention_heads")
+_OPTIONAL_SIZES = ("num_key_value_heads", "max_position_embeddings", "head_dim")
+
+
+def _check_fields(hf: dict[str, Any], source: str) -> None:
+    """Types and ranges of the numeric fields, each refused naming its key before any
+    arithmetic on it (a zero head count would otherwise divide by zero)."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in _SIZES + _OPTIONAL_SIZES:
+        if key not in hf:
+            if key in _SIZES:
+                raise FormatError(f"{source}: missing key {key!r}; it is not a complete OLMo-2 "
+                                  "config")
+            continue
+        v = hf[key]
+        if v is None and key in _OPTIONAL_SIZES:
+            continue
+        if not is_int(v) or v < 1:
+            raise FormatError(f"{source}: {key}={v!r} must be a positive integer; fix config.json")
+    for key in ("rope_theta", "rms_norm_eps"):
+        v = hf.get(key)
+        if key not in hf or (key == "rope_theta" and v is None):  # theta may be in rope_parameters
+            continue
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise FormatError(f"{source}: {key}={v!r} must be a positive number; fix config.json")
+    if not isinstance(hf.get("tie_word_embeddings", False), bool):
+        raise FormatError(f"{source}: tie_word_embeddings={hf['tie_word_embeddings']!r} must be "
+                          "true or false")
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise FormatError(f"{source}: {key}={hf[key]!r} must be an object (or null)")
+
+
 def config_from_hf(hf: dict[str, Any], *, weight_repo_layers: tuple[int, ...] | None = None,
                    source: str = "config.json", layer_schemes: tuple[str, ...] | None = None,
                    **overrides: Any) -> ModelConfig:
@@ -55,6 +93,7 @@ def config_from_hf(hf: dict[str, Any], *, weight_repo_layers: tuple[int, ...] | 
     if hf.get("model_type") != "olmo2":
         raise FormatError(f"{source}: model_type={hf.get('model_type')!r} is not supported; "
                           "repo-jax reads OLMo-2 ('olmo2') checkpoints")
+    _check_fields(hf, source)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = hf.get("rope_theta", rope.get("rope_theta"))
     if theta is None:

@@ -83,6 +83,10 @@ def read_meta(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]
                           "(make one with `python -m convert import`)") from None
     except json.JSONDecodeError as e:
         raise FormatError(f"{f}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise FormatError(f"{f}: not UTF-8 text; the model directory is damaged") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{f}: not a JSON object; the model directory is damaged")
     if meta.get("format") != FORMAT:
         raise FormatError(f"{f}: format={meta.get('format')!r}, expected {FORMAT!r}")
     try:

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from repo_jax.cli import UserError, add_model_arguments, encode, load_from_args, run, write_atomic
+from repo_jax.cli import (UserError, add_model_arguments, check_output, encode, load_from_args,
+                          run, write_atomic)
 
 # Pixels one rotated token label needs along x.
 _LABEL_PX = 14
@@ -104,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("nothing to write: give --out FILE.png and/or --json")
     if args.out and Path(args.out).suffix.lower() != ".png":
         raise UserError(f"--out {args.out}: the picture is a PNG; name it *.png")
+    if args.out:
+        check_output(args.out, "--out")
+    if args.out and args.json:
+        check_output(Path(args.out).with_suffix(".json"), "--out (its .json, with --json)")
 
     model, tokenizer = load_from_args(args)
     cfg = model.config

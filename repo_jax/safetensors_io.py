@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -31,6 +32,12 @@ DTYPES = {
     "BOOL": np.bool_,
 }
 DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+# The safetensors library's limit on the JSON header.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 class TensorFile(Protocol):
@@ -53,6 +60,12 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        try:
+            self._read_header()
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot read it ({e.strerror or e})") from None
+
+    def _read_header(self) -> None:
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             raw = f.read(8)
@@ -60,6 +73,11 @@ class SafetensorsFile:
                 raise FormatError(f"{self.path}: truncated safetensors file (no header); "
                                   "re-download or re-save it")
             (n,) = struct.unpack("<Q", raw)
+            # Checked before reading: a forged length must not make us allocate it.
+            if n > MAX_HEADER_BYTES:
+                raise FormatError(f"{self.path}: safetensors header of {n} bytes exceeds the "
+                                  f"{MAX_HEADER_BYTES} byte limit (the safetensors library's); "
+                                  "the file is corrupt or not a checkpoint")
             if n > size - 8:
                 raise FormatError(f"{self.path}: corrupt safetensors header (length {n} > file "
                                   f"size {size}); re-download or re-save it")
@@ -72,27 +90,51 @@ class SafetensorsFile:
             raise FormatError(f"{self.path}: corrupt safetensors header (not a JSON object); "
                               "re-download or re-save it")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise FormatError(f"{self.path}: corrupt safetensors header (__metadata__ is not "
+                              "an object); re-download or re-save it")
         self._data_start = 8 + n
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
-            try:
-                dtype_name, shape, (begin, end) = e["dtype"], e["shape"], e["data_offsets"]
-                shape, begin, end = tuple(int(s) for s in shape), int(begin), int(end)
-            except (KeyError, TypeError, ValueError):
-                raise FormatError(f"{self.path}: corrupt safetensors header entry for {name!r}; "
-                                  "re-download or re-save it") from None
-            if dtype_name not in DTYPES:
-                raise FormatError(f"{self.path}: tensor {name!r} has unsupported dtype "
-                                  f"{dtype_name!r}")
-            dtype = np.dtype(DTYPES[dtype_name])
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
-                raise FormatError(f"{self.path}: tensor {name!r} byte range does not match its "
-                                  f"shape {shape}; the file is corrupt")
-            if self._data_start + end > size:
-                raise FormatError(f"{self.path}: truncated: tensor {name!r} ends at byte "
-                                  f"{self._data_start + end} but the file has {size}; "
-                                  "re-download or re-save it")
-            self.entries[name] = (dtype, shape, begin, end)
+            self.entries[name] = self._entry(name, e, size - self._data_start)
+        # The format forbids tensors sharing bytes (the safetensors library refuses it):
+        # two parameters read from one range would silently be the same weights.
+        spans = sorted((b, e, name) for name, (_, _, b, e) in self.entries.items() if e > b)
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:
+                raise FormatError(f"{self.path}: tensors {first!r} and {second!r} overlap "
+                                  "(data_offsets share bytes); the file is corrupt or forged")
+
+    def _entry(self, name: str, e, data_size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        """(dtype, shape, begin, end) of one header entry, every field type- and
+        range-checked before anything is allocated for it."""
+        def corrupt(why: str) -> FormatError:
+            return FormatError(f"{self.path}: tensor {name!r}: {why}; the file is corrupt, "
+                               "re-download or re-save it")
+
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            raise corrupt("header entry lacks dtype, shape or data_offsets")
+        dtype_name, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dtype_name, str):
+            raise corrupt(f"dtype {dtype_name!r} is not a string")
+        if dtype_name not in DTYPES:
+            raise FormatError(f"{self.path}: tensor {name!r} has unsupported dtype "
+                              f"{dtype_name!r}; supported: {sorted(DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+            raise corrupt(f"shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_is_count(o) for o in offsets)):
+            raise corrupt(f"data_offsets {offsets!r} are not two non-negative integers")
+        dtype = np.dtype(DTYPES[dtype_name])
+        begin, end = offsets
+        # Python integers: np.prod would wrap around for a forged huge shape.
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise corrupt(f"byte range {offsets} does not match shape {shape} of {dtype_name}")
+        if end > data_size:
+            raise FormatError(f"{self.path}: truncated: tensor {name!r} ends at byte "
+                              f"{self._data_start + end} but the file has "
+                              f"{self._data_start + data_size}; re-download or re-save it")
+        return dtype, tuple(shape), begin, end
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -182,23 +224,49 @@ class TorchFile:
         return t.contiguous().numpy().copy()
 
 
+def member(directory: str | os.PathLike, name, what: str) -> Path:
+    """`directory / name` for a file name a checkpoint gives (an index's shard, say),
+    refused unless it stays inside `directory`: no absolute path, no `..`, and no
+    symlink leading out. The one exception is the Hugging Face cache layout, where
+    `snapshots/<rev>/` files link to `../../blobs/`. Checked before anything is opened."""
+    directory = Path(directory)
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise FormatError(f"{what}: file name {name!r} is not a file name; fix the index")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise FormatError(f"{what}: file name {name!r} points outside {directory}; a checkpoint "
+                          "may only name files inside its own directory")
+    root = directory.resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    target = (directory / relative).resolve()
+    if not any(target == a or a in target.parents for a in allowed):
+        raise FormatError(f"{what}: {directory / relative} is a link to {target}, outside "
+                          f"{directory}; copy the file into the checkpoint directory")
+    return directory / relative
+
+
 def _sharded(directory: Path, index: Path, opener) -> dict[str, TensorFile]:
     """Name -> file for a `*.index.json` with a `weight_map`."""
     try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = json.loads(member(directory, index.name, str(index)).read_bytes()
+                                ).get("weight_map")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         weight_map = None
     if not isinstance(weight_map, dict):
-        raise FormatError(f"{index}: not a checkpoint index (no 'weight_map'); "
+        raise FormatError(f"{index}: not a checkpoint index (no 'weight_map' object); "
                           "re-save the checkpoint")
     files: dict[str, TensorFile] = {}
     out: dict[str, TensorFile] = {}
     for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise FormatError(f"{index}: weight_map[{name!r}] is {shard!r}, not a shard file "
+                              "name; fix the index")
         if shard not in files:
-            if not (directory / shard).is_file():
+            path = member(directory, shard, str(index))
+            if not path.is_file():
                 raise FormatError(f"{index}: names shard {shard!r}, which is missing from "
                                   f"{directory}; copy the shard or fix the index")
-            files[shard] = opener(directory / shard)
+            files[shard] = opener(path)
         if name not in files[shard].keys():
             raise FormatError(f"{index}: says {name!r} is in {shard!r} but it is not; "
                               "the index and shards are from different checkpoints")
@@ -214,7 +282,7 @@ def _hf_weights(directory: str | os.PathLike, filename: str, opener):
         return _sharded(directory, index, opener)
     single = directory / filename
     if single.exists():
-        f = opener(single)
+        f = opener(member(directory, filename, str(directory)))
         return {name: f for name in f.keys()}
     raise FormatError(f"{directory}: no {filename} or {filename}.index.json; "
                       "point at a Hugging Face checkpoint directory")

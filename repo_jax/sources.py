@@ -27,9 +27,10 @@ from repo_jax import olmo_format
 from repo_jax.config import ModelConfig
 from repo_jax.hf_format import FormatError, config_from_hf
 from repo_jax.safetensors_io import (SafetensorsFile, TensorFile, TorchFile, hf_safetensors,
-                                     hf_torch_bins)
+                                     hf_torch_bins, member)
 
 _REPO_KEY = re.compile(r"layers\.(\d+)\.self_attn\.(gate_map|content_map|final_map)\.weight$")
+_LAYER_KEY = re.compile(r"^(?:model\.layers|transformer\.blocks)\.(\d+)\.")
 
 
 def repo_layers_in(keys: Iterable[str]) -> tuple[int, ...]:
@@ -92,13 +93,26 @@ class Source:
         return olmo_format.olmo_name(name) if self.kind.startswith("olmo") else name
 
 
+def check_layer_count(n: Any, key: str, names: Iterable[str], source: str) -> None:
+    """Refuse a config that claims more layers than the weights hold, before a model of
+    that many layers is built (a forged count would otherwise take minutes)."""
+    found = {int(m.group(1)) for k in names if (m := _LAYER_KEY.match(k))}
+    held = max(found) + 1 if found else 0
+    if isinstance(n, int) and n > held:
+        where = f" (layers 0 to {held - 1})" if held else ""
+        raise FormatError(f"{source}: {key}={n} but the weights hold {held} layer(s){where}; "
+                          f"set {key} to {held} or use the complete checkpoint")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(member(path.parent, path.name, str(path.parent)).read_bytes())
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e}); fix or re-save it") from None
     except UnicodeDecodeError:
-        raise FormatError(f"{path}: not a text file; fix or re-save it") from None
+        raise FormatError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path}: not a JSON object; expected a Hugging Face config")
     return data
@@ -114,6 +128,7 @@ def _hf(path: Path, overrides: dict[str, Any]) -> Source:
     else:
         raise FormatError(f"{path}: config.json but no weights (model.safetensors, "
                           "model.safetensors.index.json or pytorch_model.bin); copy them in")
+    check_layer_count(hf.get("num_hidden_layers"), "num_hidden_layers", files, str(config_file))
     try:
         cfg = config_from_hf(hf, weight_repo_layers=repo_layers_in(files),
                              source=str(config_file), **overrides)
@@ -128,12 +143,13 @@ def _hf(path: Path, overrides: dict[str, Any]) -> Source:
 
 
 def _olmo(path: Path, overrides: dict[str, Any]) -> Source:
-    config_file = path / olmo_format.CONFIG_FILE
+    config_file = member(path, olmo_format.CONFIG_FILE, str(path))
     m = olmo_format.read_config(config_file)
     weights = next((path / f for f in olmo_format.WEIGHT_FILES if (path / f).exists()), None)
     if weights is None:
         raise FormatError(f"{path}: config.yaml but no model.safetensors or model.pt; point at "
                           "an unsharded OLMo checkpoint directory")
+    weights = member(path, weights.name, str(path))
     if weights.suffix == ".safetensors":
         kind, file = "olmo-safetensors", SafetensorsFile(weights)
     else:
@@ -144,6 +160,7 @@ def _olmo(path: Path, overrides: dict[str, Any]) -> Source:
         if name in by_name:
             raise FormatError(f"{weights}: tensor {name!r} appears twice; re-save the checkpoint")
         by_name[name] = key
+    check_layer_count(m.get("n_layers"), "model.n_layers", by_name, str(config_file))
     try:
         cfg = olmo_format.config_from_olmo(m, olmo_format.repo_layers(by_name), str(config_file),
                                            **overrides)

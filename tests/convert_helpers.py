@@ -115,3 +115,17 @@ def repo_hf_config(cfg: ModelConfig, spelling: str = "both", rope: str = "both")
     elif rope == "top":
         hf.pop("rope_parameters")
     return hf
+
+
+def edit_safetensors_header(file: Path, change) -> None:
+    """Rewrite the JSON header of a safetensors file in place (`change(header)` edits
+    the dict), keeping the data bytes: how a corrupt or forged file is made."""
+    import struct
+
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    change(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    file.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import repo_jax as rj
 from convert.__main__ import main
 from tests.conftest import SMALL, add_repo_maps, hf_olmo2, write_hf_dir
-from tests.convert_helpers import olmo_config, save_bin, save_olmo
+from tests.convert_helpers import edit_safetensors_header, olmo_config, save_bin, save_olmo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +76,25 @@ def _edit_json(file: Path, change):
 def _second_shard(src: Path) -> str:
     files = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values()
     return sorted(set(files))[1]
+
+
+_Q, _K = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+
+
+def _shard_elsewhere(src: Path, name: str | None):
+    """Move the second shard out of SRC, next to it; the index then names it by
+    `name` ('{}': the file name, '{abs}': its absolute path), or with None the
+    shard is left in place as a symlink to it."""
+    shard = _second_shard(src)
+    outside = src.parent / "outside" / shard
+    outside.parent.mkdir()
+    (src / shard).rename(outside)
+    if name is None:
+        (src / shard).symlink_to(outside)
+        return
+    new = name.format(shard, abs=outside)
+    _edit_json(src / "model.safetensors.index.json", lambda i: i["weight_map"].update(
+        {k: new for k, v in i["weight_map"].items() if v == shard}))
 
 
 def _nan(sd):
@@ -138,6 +157,50 @@ CASES = {
                                        ["RePo maps on layers [1, 2, 3]", "no pe_config"]),
     "non-finite values": ("hf", lambda s: _rewrite(s / "model.safetensors", _nan),
                           ["'model.layers.1.mlp.up_proj.weight'", "NaN or Inf (row 3)"]),
+    # Paths: a checkpoint may only name files inside its own directory.
+    "index names a shard outside SRC": ("sharded", lambda s: _shard_elsewhere(s, "../outside/{}"),
+                                        ["points outside", "../outside/model-00002-of-"]),
+    "index names an absolute path": ("sharded", lambda s: _shard_elsewhere(s, "{abs}"),
+                                     ["points outside", "/outside/model-00002-of-"]),
+    "shard is a symlink out of SRC": ("sharded", lambda s: _shard_elsewhere(s, None),
+                                      ["is a link to", "outside", "copy the file into"]),
+    "index weight_map value null": ("sharded", lambda s: _edit_json(
+        s / "model.safetensors.index.json", lambda i: i["weight_map"].update(
+            {next(iter(i["weight_map"])): None})), ["weight_map['", "is None, not a shard file"]),
+    # Forged or corrupt safetensors headers, refused before anything is allocated.
+    "overlapping data_offsets": ("hf", lambda s: edit_safetensors_header(
+        s / "model.safetensors", lambda h: h[_K].update(data_offsets=h[_Q]["data_offsets"])),
+        ["overlap", "self_attn.o_proj.weight", "self_attn.q_proj.weight"]),
+    "data_offsets past the end": ("hf", lambda s: edit_safetensors_header(
+        s / "model.safetensors", lambda h: h[_K].update(
+            data_offsets=[10**9, 10**9 + 64 * 64 * 4])), ["model.safetensors: truncated"]),
+    "dtype is a list": ("hf", lambda s: edit_safetensors_header(
+        s / "model.safetensors", lambda h: h[_K].update(dtype=["F32"])),
+        ["tensor 'model.layers.0.self_attn.o_proj.weight'", "dtype ['F32'] is not a string"]),
+    "negative shape": ("hf", lambda s: edit_safetensors_header(
+        s / "model.safetensors", lambda h: h[_K].update(shape=[-64, -64])),
+        ["shape [-64, -64] is not a list of non-negative integers"]),
+    "huge header length": ("hf", lambda s: (s / "model.safetensors").write_bytes(
+        (200_000_000).to_bytes(8, "little") + (s / "model.safetensors").read_bytes()[8:]),
+        ["header of 200000000 bytes exceeds the 100000000 byte limit"]),
+    # Impossible config.json numbers: one line naming the key, before any work.
+    "num_hidden_layers beyond the weights": ("hf", lambda s: _edit_json(
+        s / "config.json", lambda c: c.update(num_hidden_layers=1_000_000)),
+        ["config.json: num_hidden_layers=1000000 but the weights hold 4 layer(s) (layers 0 to 3)"]),
+    "OLMo n_layers beyond the weights": ("olmo", lambda s: (s / "config.yaml").write_text(
+        yaml.safe_dump(olmo_config(rj.ModelConfig(**SMALL), n_layers=1_000_000))),
+        ["config.yaml: model.n_layers=1000000 but the weights hold 4 layer(s)"]),
+    "zero attention heads": ("hf", lambda s: _edit_json(
+        s / "config.json", lambda c: c.update(num_attention_heads=0)),
+        ["config.json: num_attention_heads=0 must be a positive integer"]),
+    "hidden_size a string": ("hf", lambda s: _edit_json(
+        s / "config.json", lambda c: c.update(hidden_size="64")),
+        ["config.json: hidden_size='64' must be a positive integer"]),
+    "rms_norm_eps null": ("hf", lambda s: _edit_json(
+        s / "config.json", lambda c: c.update(rms_norm_eps=None)),
+        ["config.json: rms_norm_eps=None must be a positive number"]),
+    "config.json not UTF-8": ("hf", lambda s: (s / "config.json").write_bytes(b'{"a": "\xe9"}'),
+                              ["config.json: not UTF-8 text; re-save it as UTF-8"]),
     "truncated .bin": ("hf", lambda s: (save_bin(s, load_file(str(s / "model.safetensors")),
                                                  json.loads((s / "config.json").read_text())),
                                         (s / "model.safetensors").unlink(),
@@ -156,25 +219,132 @@ def test_bad_import_input(case, good, tmp_path, capsys):
 
 
 def test_existing_destination(good, tmp_path, capsys):
+    """--overwrite replaces only a model directory or an empty one; anything else at
+    DST is refused with nothing deleted."""
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
     _fails(["import", good["base"] / "hf", dst], capsys, "already exists; pass --overwrite")
+    _fails(["import", good["base"] / "hf", dst, "--overwrite"], capsys,
+           "is not a repo-jax model directory (it holds keep.txt)", "nothing was deleted")
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
-    # A failing conversion with --overwrite leaves the old destination as it was.
+    # A file where the directory would go, with or without --overwrite.
+    (tmp_path / "afile").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        _fails(["import", good["base"] / "hf", tmp_path / "afile", *extra], capsys,
+               "afile: exists and is not a directory")
+    _fails(["import", good["base"] / "hf", tmp_path / "afile" / "dst"], capsys,
+           "afile: not a directory")
+    assert (tmp_path / "afile").read_text() == "mine"
+    # An empty directory is replaced; so is a model directory, but only by a
+    # conversion that succeeds: a failing one leaves it as it was.
+    shutil.rmtree(dst)
+    dst.mkdir()
+    assert main(["import", str(good["base"] / "hf"), str(dst), "--overwrite"]) == 0
+    meta = (dst / "repo_jax.json").read_text()
     src = _copy(good, "hf", tmp_path)
     _rewrite(src / "model.safetensors", _nan)
     _fails(["import", src, dst, "--overwrite"], capsys, "NaN or Inf")
-    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
-    # A good one replaces it.
-    assert main(["import", str(good["base"] / "hf"), str(dst), "--overwrite"]) == 0
+    assert (dst / "repo_jax.json").read_text() == meta
+    assert main(["import", str(good["base"] / "repo"), str(dst), "--overwrite"]) == 0
+    assert rj.load_model(dst).config.repo_layers == (1, 2, 3)
     assert sorted(p.name for p in dst.iterdir()) == ["params", "repo_jax.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dst", "src"]
+
+
+def test_stale_partials_of_dead_imports_are_removed(good, tmp_path, capsys):
+    """A killed import leaves `.DST.<pid>@<host>.*.partial`; the next import to DST
+    removes those whose process is gone on this host, and no others."""
+    from convert.staging import _host, staged
+
+    dst = tmp_path / "dst"
+    with staged(dst) as tmp:  # the name a real import's partial gets
+        name = tmp.name
+        assert name.startswith(f".dst.{os.getpid()}@") and name.endswith(".partial")
+        (tmp / "params").mkdir()
+    shutil.rmtree(dst)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        host = _host()
+        rand = name.split(".")[-2]
+        stale = tmp_path / f".dst.{dead.pid}@{host}.{rand}.partial"
+        replaced = tmp_path / f".dst.{dead.pid}@{host}.replaced"  # killed while swapping
+        keep = [tmp_path / f".dst.{live.pid}@{host}.{rand}.partial",   # a live import
+                tmp_path / f".dst.{dead.pid}@otherhost.{rand}.partial",  # another host's
+                tmp_path / ".dst.abcd1234.partial",                     # owner unknown
+                tmp_path / f".other.{dead.pid}@{host}.{rand}.partial"]  # another DST's
+        for d in [stale, replaced, *keep]:
+            d.mkdir()
+            (d / "big").write_bytes(b"x" * 1000)
+        capsys.readouterr()
+        assert main(["import", str(good["base"] / "hf"), str(dst)]) == 0
+        out = capsys.readouterr().out
+        assert not stale.exists() and not replaced.exists()
+        assert f"left by process {dead.pid}, which is gone" in out
+        assert all(d.exists() for d in keep), [d for d in keep if not d.exists()]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_storage_faults(good, tmp_path, capsys, monkeypatch):
+    """A file-size limit (as on a full disk) while writing, in the tensorstore writer
+    (import) and in the safetensors writer (export): one line naming DST, nothing
+    left. A directory that cannot be created in (read-only): one line naming it."""
+    assert main(["import", str(good["base"] / "hf"), str(tmp_path / "rj")]) == 0
+    # The limit is set in the child itself: a preexec_fn would run Python between fork
+    # and exec in this multithreaded (JAX) process.
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)); "
+              "from convert.__main__ import main; "
+              f"codes = [main(['import', {str(good['base'] / 'hf')!r}, {str(tmp_path / 'a')!r}]), "
+              f"main(['export', {str(tmp_path / 'rj')!r}, {str(tmp_path / 'b')!r}])]; "
+              "sys.exit(10 * codes[0] + codes[1])")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 11, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2, proc.stderr
+    for line, dst in zip(lines, ("a", "b")):
+        assert line.startswith(f"error: {tmp_path / dst}: File too large while writing it"), line
+        _nothing_left(tmp_path / dst)
+
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(tmp_path / ".c.partial"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    _fails(["import", good["base"] / "hf", tmp_path / "c"], capsys,
+           f"error: {tmp_path}: cannot create a directory there (Read-only file system)")
+
+
+def test_hugging_face_cache_snapshot_links_are_followed(good, tmp_path, capsys):
+    """The one layout whose files link out of their directory: a hub cache snapshot,
+    whose files link to ../../blobs/. It imports; the same links elsewhere do not."""
+    cache = tmp_path / "models--org--tiny"
+    snapshot = cache / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (cache / "blobs").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        blob = cache / "blobs" / f"hash-{name}"
+        shutil.copy(good["base"] / "hf" / name, blob)
+        (snapshot / name).symlink_to(Path("../..") / "blobs" / blob.name)
+    assert main(["import", str(snapshot), str(tmp_path / "dst")]) == 0
+    elsewhere = cache / "other" / "0123abc"
+    shutil.copytree(snapshot, elsewhere, symlinks=True)
+    _fails(["import", elsewhere, tmp_path / "dst2"], capsys, "config.json is a link to",
+           "outside")
 
 
 def test_destination_inside_source(good, tmp_path, capsys):
     src = _copy(good, "hf", tmp_path)
     _fails(["import", src, src / "out"], capsys, "overlaps the source")
+    _fails(["import", src, tmp_path / "dst", "--verify", "--atol", "-1"], capsys,
+           "--atol -1.0: must be a positive number")
+    _nothing_left(tmp_path / "dst")
 
 
 def _evil_pickle(path: Path, marker: Path, tensors: dict):
@@ -234,7 +404,14 @@ def test_bad_export_input(good, tmp_path, capsys):
     _fails(["export", tmp_path / "rj", tmp_path / "out", "--shard-size", "lots"], capsys,
            "--shard-size 'lots'")
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.md").write_text("mine")
     _fails(["export", tmp_path / "rj", tmp_path / "taken"], capsys, "already exists")
+    _fails(["export", tmp_path / "rj", tmp_path / "taken", "--overwrite"], capsys,
+           "is not a Hugging Face checkpoint directory (it holds notes.md)")
+    assert (tmp_path / "taken" / "notes.md").read_text() == "mine"
+    # A previous export is a Hugging Face directory, which --overwrite replaces.
+    assert main(["export", str(tmp_path / "rj"), str(tmp_path / "hf")]) == 0
+    assert main(["export", str(tmp_path / "rj"), str(tmp_path / "hf"), "--overwrite"]) == 0
     # A diverged run: NaN in the saved parameters is refused, not exported.
     from repo_jax import params_io
 

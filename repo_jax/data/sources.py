@@ -1,7 +1,8 @@
 """Token sources: fixed-length instances of `seq_len` tokens, read by index.
 
 * `npy`: OLMo token files, raw uint16/uint32 memmaps (`.npy` in OLMo's naming,
-  no header). As OLMo's `MemMapDataset` builds them, each file gives
+  no header; a file written by `np.save` is recognised by its header and read
+  with its dtype). As OLMo's `MemMapDataset` builds them, each file gives
   `len(file) // seq_len` consecutive instances and its tail is dropped; the
   files are concatenated in the given order (globs sorted).
 * `text`, `tfds`, `embedded`: documents are tokenized, each followed by EOS,
@@ -74,19 +75,45 @@ class PackedTokens(Instances):
         return self.tokens[np.asarray(indices)].astype(np.int32)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _token_map(f: Path, dtype: str) -> np.ndarray:
+    """The tokens of one file, memory-mapped: a raw OLMo token file in `dtype`, or a
+    `.npy` written by `np.save` (its header gives the dtype; detected by its magic)."""
+    with open(f, "rb") as fh:
+        magic = fh.read(len(NPY_MAGIC))
+    if magic != NPY_MAGIC:
+        size = f.stat().st_size
+        itemsize = np.dtype(dtype).itemsize
+        if size % itemsize:
+            raise DataError(f"{f}: {size} bytes is not a multiple of {itemsize} ({dtype}); set "
+                            "data.token_dtype to the dtype the file was written with")
+        return np.memmap(f, dtype=dtype, mode="r") if size else np.zeros((0,), dtype)
+    try:
+        tokens = np.load(f, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{f}: a .npy file (np.save header) that cannot be read ({e}); "
+                        "re-save it") from None
+    if tokens.dtype.kind not in "ui":
+        raise DataError(f"{f}: a .npy of {tokens.dtype}, not integer token ids; save the "
+                        "token ids (np.uint16/np.uint32)")
+    if tokens.ndim > 1 and not tokens.flags.c_contiguous:
+        raise DataError(f"{f}: a Fortran-order .npy; re-save it with np.save(f, "
+                        "np.ascontiguousarray(tokens))")
+    return tokens.reshape(-1)
+
+
 class NpyTokens(Instances):
-    """OLMo token files as memmaps; only the rows asked for are read."""
+    """OLMo token files as memmaps (raw, or `.npy` with an np.save header); only the
+    rows asked for are read."""
 
     def __init__(self, files: Sequence[Path], dtype: str, seq_len: int):
         self.maps, counts = [], []
-        itemsize = np.dtype(dtype).itemsize
         for f in files:
-            size = f.stat().st_size
-            if size % itemsize:
-                raise DataError(f"{f}: {size} bytes is not a multiple of {itemsize} "
-                                f"({dtype}); set data.token_dtype to the dtype the file was written with")
-            n = size // itemsize // seq_len
-            self.maps.append(np.memmap(f, dtype=dtype, mode="r") if n else None)
+            tokens = _token_map(f, dtype)
+            n = len(tokens) // seq_len
+            self.maps.append(tokens if n else None)
             counts.append(n)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.files = list(files)
@@ -142,22 +169,34 @@ def embedded_documents() -> list[str]:
 
 
 def text_documents(files: Sequence[Path], field: str) -> list[str]:
-    """`.jsonl`: one document per line (its `field`); anything else: one per file."""
+    """`.jsonl`: one document per line (its `field`, a string); anything else: one per
+    file. Files must be UTF-8."""
     docs = []
     for f in files:
-        if f.suffix == ".jsonl":
-            with open(f) as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        docs.append(str(json.loads(line)[field]))
-                    except json.JSONDecodeError:
-                        raise DataError(f"{f}:{n}: not valid JSON") from None
-                    except (KeyError, TypeError):
-                        raise DataError(f"{f}:{n}: no {field!r} key; set data.text_field") from None
-        else:
-            docs.append(f.read_text())
+        try:
+            text = f.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = f.read_bytes()[:e.start].count(b"\n") + 1
+            raise DataError(f"{f}:{line}: not UTF-8 text (byte {e.start}); re-save the file as "
+                            "UTF-8") from None
+        if f.suffix != ".jsonl":
+            docs.append(text)
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{f}:{n}: not valid JSON") from None
+            if not isinstance(record, dict) or field not in record:
+                raise DataError(f"{f}:{n}: no {field!r} key; set data.text_field") from None
+            # A null or a number is not a document: training on the text 'None' or '5'
+            # would go unnoticed.
+            if not isinstance(record[field], str):
+                raise DataError(f"{f}:{n}: {field!r} is {record[field]!r}, not a string; fix "
+                                "the line or set data.text_field")
+            docs.append(record[field])
     return docs
 
 

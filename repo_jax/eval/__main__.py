@@ -8,7 +8,9 @@ import json
 import sys
 from typing import Sequence
 
-from repo_jax.cli import UserError, add_model_arguments, load_from_args, run, write_atomic
+from repo_jax.cli import (UserError, add_model_arguments, check_output, load_from_args, run,
+                          write_atomic)
+from repo_jax.eval.perplexity import read_documents
 from repo_jax.eval.runner import (SPECIAL_TASKS, make_encoder, run_multiple_choice, run_niah,
                                   run_perplexity)
 from repo_jax.eval.tasks import TASKS
@@ -69,22 +71,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--limit {args.limit}: must be at least 1")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length {args.max_length}: must be at least 2 tokens")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: must be >= 0")
+    output = check_output(args.output or f"eval-{args.task}.json", "--output")
     if args.task == "perplexity" and not args.file:
         raise UserError("--task perplexity needs --file PATH (a text or .jsonl file)")
+    # Read before the model loads, so that a bad file costs no model loading.
+    docs = read_documents(args.file, args.text_key) if args.task == "perplexity" else None
     if args.task == "niah":
         lengths = _numbers(args.context_lengths, int, "--context-lengths")
         depths = _numbers(args.depths, float, "--depths")
         if not lengths or min(lengths) < 1 or not depths or not all(0 <= d <= 1 for d in depths):
             raise UserError(f"--context-lengths {args.context_lengths} / --depths {args.depths}: "
                             "need positive lengths and depths in [0, 1]")
-        if args.num_needles < 1 or args.samples < 1 or args.seed < 0:
-            raise UserError("--num-needles and --samples must be at least 1, --seed at least 0")
+        if args.num_needles < 1 or args.samples < 1:
+            raise UserError("--num-needles and --samples must be at least 1")
 
     model, tokenizer = load_from_args(args)
     encode = make_encoder(tokenizer, model.config.vocab_size)
     if args.task == "perplexity":
-        metrics = run_perplexity(model, encode, args.file, args.text_key, args.limit,
-                                 args.batch_size, args.max_length)
+        metrics = run_perplexity(model, encode, docs[:args.limit], args.batch_size,
+                                 args.max_length)
     elif args.task == "niah":
         metrics = run_niah(model, tokenizer, encode, lengths, depths, args.num_needles,
                            args.samples, args.seed, args.batch_size, args.limit)
@@ -94,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(args.task, metrics))
     summary = {"task": args.task, "checkpoint": str(args.checkpoint), "metrics": metrics,
                "settings": {k: v for k, v in vars(args).items() if k not in ("task", "checkpoint")}}
-    path = write_atomic(args.output or f"eval-{args.task}.json", json.dumps(summary, indent=1))
+    path = write_atomic(output, json.dumps(summary, indent=1))
     print(f"wrote {path}")
     return 0
 

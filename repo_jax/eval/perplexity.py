@@ -15,10 +15,16 @@ def read_documents(path: str | Path, text_key: str = "text") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--file {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.start}); re-save the file as "
+                        "UTF-8") from None
     if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
+        return [text]
     docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from repo_jax.cli import UserError
 from repo_jax.eval import niah
-from repo_jax.eval.perplexity import perplexity, read_documents
+from repo_jax.eval.perplexity import perplexity
 from repo_jax.eval.scoring import loglikelihoods, multiple_choice
 from repo_jax.eval.tasks import TASKS, load_examples
 from repo_jax.generate import generate
@@ -38,9 +38,8 @@ def run_multiple_choice(model, encode, name: str, limit: int | None, batch_size:
     return {"examples": len(examples), **metrics, "olmo_metric": TASKS[name].olmo_metric}
 
 
-def run_perplexity(model, encode, file: str, text_key: str, limit: int | None,
-                   batch_size: int, max_length: int | None) -> dict:
-    docs = read_documents(file, text_key)[:limit]
+def run_perplexity(model, encode, docs: Sequence[str], batch_size: int,
+                   max_length: int | None) -> dict:
     length = max_length or min(model.config.max_position_embeddings, 2048)
     if length < 2:
         raise UserError(f"--max-length {length}: need at least 2 tokens per window")
