@@ -84,6 +84,14 @@ class SplashKernelTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "1 queries against 128 keys.*'xla' or 'blockwise'"):
             attend(q, k, v, q_index=one, kv_index=full, q_segment=one, kv_segment=full, impl="splash")
 
+    def test_splash_does_not_run_off_tpu(self):
+        """"splash" is the TPU kernel: on CPU it fails to lower rather than quietly
+        running the slow interpreter (that takes "splash_interpret", explicitly)."""
+        q, k, v = _qkv(np.random.default_rng(0), 1, 128, 2, 2)
+        rule = _rule(jnp.zeros((1, 128), jnp.int32))
+        with self.assertRaisesRegex(ValueError, "Only interpret mode is supported on CPU"):
+            jax.jit(lambda q, k, v: attend(q, k, v, impl="splash", **rule))(q, k, v)
+
     def test_block_size_must_fill_tpu_lanes(self):
         with self.assertRaisesRegex(ConfigError, "attention_block_size=96 must be a multiple of 128"):
             rj.ModelConfig(**SMALL, attention_impl="splash", attention_block_size=96)
@@ -133,8 +141,8 @@ def test_compiles_for_a_tpu_topology():
     topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1")
     mesh = shd.make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), topo.devices)
     cfg = rj.ModelConfig(**{**SMALL, "hidden_size": 512, "num_attention_heads": 4,
-                            "num_key_value_heads": 4}, repo_start_layer=2, dtype="bfloat16",
-                         attention_impl="splash")
+                            "num_key_value_heads": 4}, dtype="bfloat16",
+                         attention_impl="splash").replace(repo_start_layer=2)
     model = rj.Olmo2Model(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
