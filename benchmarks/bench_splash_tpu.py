@@ -9,14 +9,56 @@ per chip, the mesh all fsdp. Both paths are compiled in the same run and their f
 printed side by side with the ratio; nothing is executed.
 
     python -m benchmarks.bench_splash_tpu [--topology v5p:2x2x1] [--layers 2] [--seq 4096]
+    python -m benchmarks.bench_splash_tpu --attention-only   # attention forward+backward alone
+
+--attention-only compiles the gradient of attention alone (q, k, v [chips, seq, 16, 128]
+bf16, one sequence per chip, split over the chips), so the figure is the kernel's own.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import sys
 import time
 
 MIB = 1024 ** 2
+
+
+def _summary(impl: str, chips: int, compiled, seconds: float) -> dict:
+    mem = compiled.memory_analysis()
+    return {"impl": impl, "chips": chips, "compile_s": seconds,
+            "kernel": "tpu_custom_call" in compiled.as_text(),
+            "args": mem.argument_size_in_bytes / MIB, "out": mem.output_size_in_bytes / MIB,
+            "alias": mem.alias_size_in_bytes / MIB, "temp": mem.temp_size_in_bytes / MIB}
+
+
+def compile_attention(impl: str, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+
+    from repo_jax import sharding as shd
+    from repo_jax.attention import attend
+    from repo_jax.config import MeshConfig
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
+    mesh = shd.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=args.tensor), devices)
+    n = len(devices) // args.tensor
+    qkv = jax.ShapeDtypeStruct((n, args.seq, 16, 128), jnp.bfloat16,
+                               sharding=shd.named(mesh, ("batch", None, "heads", None), (n, args.seq, 16, 128)))
+
+    def loss(q, k, v):
+        index = jnp.broadcast_to(jnp.arange(args.seq), (n, args.seq))
+        segment = jnp.zeros((n, args.seq), jnp.int32)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            out = attend(q, k, v, q_index=index, kv_index=index, q_segment=segment,
+                         kv_segment=segment, impl=impl, block_size=args.block)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    start = time.perf_counter()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv).compile()
+    return _summary(impl, len(devices), compiled, time.perf_counter() - start)
 
 
 def compile_step(impl: str, args) -> dict:
@@ -49,12 +91,7 @@ def compile_step(impl: str, args) -> dict:
                                  sharding=shd.batch_sharding(mesh))
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
-    seconds = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    return {"impl": impl, "chips": len(devices), "compile_s": seconds,
-            "kernel": "tpu_custom_call" in compiled.as_text(),
-            "args": mem.argument_size_in_bytes / MIB, "out": mem.output_size_in_bytes / MIB,
-            "alias": mem.alias_size_in_bytes / MIB, "temp": mem.temp_size_in_bytes / MIB}
+    return _summary(impl, len(devices), compiled, time.perf_counter() - start)
 
 
 def main() -> None:
@@ -64,13 +101,21 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (heads split)")
     parser.add_argument("--block", type=int, default=512, help="splash tile (attention_block_size)")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="compile attention's gradient alone instead of the training step")
     args = parser.parse_args()
+    if importlib.util.find_spec("libtpu") is None:
+        sys.exit('error: compiling for a TPU topology needs libtpu; install it with '
+                 'pip install "jax[tpu]==0.10.2" (it adds libtpu to this environment)')
     # Compile for the TPU topology; anything executed on the host stays on the CPU.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    rows = [compile_step(impl, args) for impl in ("xla", "splash")]
-    print(f"{args.topology}, {rows[0]['chips']} chips, mesh fsdp x tensor={args.tensor}, "
-          f"OLMo-2 1B shapes with {args.layers} layers, {args.seq} tokens per sequence; "
-          f"per-chip MiB from compiled.memory_analysis():")
+    compile_fn = compile_attention if args.attention_only else compile_step
+    rows = [compile_fn(impl, args) for impl in ("xla", "splash")]
+    what = ("attention alone, 16 heads x 128" if args.attention_only
+            else f"training step, OLMo-2 1B shapes with {args.layers} layers")
+    print(f"{args.topology}, {rows[0]['chips']} chips, mesh fsdp x tensor={args.tensor}, {what}, "
+          f"{rows[0]['chips'] // args.tensor} sequences of {args.seq} tokens "
+          f"(one per fsdp shard); per-chip MiB from compiled.memory_analysis():")
     print(f"{'attention':>10} {'arguments':>10} {'outputs':>9} {'aliased':>9} {'temporaries':>12} "
           f"{'Mosaic kernel':>14} {'compile s':>10}")
     for r in rows:

@@ -131,7 +131,7 @@ def test_model_generation_with_splash_is_refused():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="libtpu is not installed (pip install -r requirements-tpu.txt): "
+                    reason='libtpu is not installed (pip install "jax[tpu]==0.10.2"): '
                            "no XLA:TPU compiler to compile splash for a TPU topology")
 def test_compiles_for_a_tpu_topology():
     """Forward and backward of a tiny RePo model with splash, compiled by XLA:TPU for a
