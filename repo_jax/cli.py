@@ -59,12 +59,19 @@ def load_from_args(args: argparse.Namespace):
 
 def load_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", **overrides):
     """(model, tokenizer) for any `repo_jax.load_model`-able directory."""
+    import jax
+
     from repo_jax.loading import load_model
     from repo_jax.olmo_data import load_tokenizer
 
     if not Path(checkpoint).exists():
         raise UserError(f"--checkpoint {checkpoint}: no such directory")
     model = load_model(checkpoint, dtype, **overrides)
+    # A run trained on TPU pods saves attention_impl="splash", which only TPUs run.
+    if model.config.attention_impl == "splash" and jax.default_backend() != "tpu":
+        raise UserError(f"--checkpoint {checkpoint} uses attention_impl='splash', the TPU kernel, "
+                        f"but this host runs on {jax.default_backend()}; pass --attention-impl xla "
+                        "(or blockwise for long contexts)")
     return model, load_tokenizer(tokenizer_path(checkpoint))
 
 

@@ -161,3 +161,18 @@ def test_compiles_for_a_tpu_topology():
           f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
     assert "tpu_custom_call" in hlo  # the Mosaic kernel, not an XLA fallback
     assert memory.temp_size_in_bytes > 0
+
+
+def test_cli_refuses_a_splash_checkpoint_off_tpu_and_names_the_override(tmp_path, capsys):
+    """A model trained with the pod presets saves attention_impl='splash'; generate on a
+    CPU host says so in one line, and --attention-impl xla runs it."""
+    from repo_jax.cli import run
+    from repo_jax.generate import main
+    from tests.cli_checkpoints import one_line_error, save_model_dir, tiny_config
+
+    model_dir = save_model_dir(tmp_path / "model", tiny_config().replace(attention_impl="splash"))
+    args = ["--checkpoint", str(model_dir), "--prompt", "the sun is", "--max-new-tokens", "2"]
+    assert run(main, args) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "attention_impl='splash'" in line and "--attention-impl xla" in line
+    assert run(main, args + ["--attention-impl", "xla"]) == 0
