@@ -13,7 +13,8 @@ queries and keys of different lengths, i.e. KV-cache prefill and decoding; gener
 with attention_impl="xla" or "blockwise".
 
 Grouped-query heads use the kernel's own MHA grouping: query head h reads key head
-h // (H / KV), the same grouping as `_xla`. Splash does not scale the logits, so q is
+h // (H / KV), the same grouping as `_xla`; it covers KV=1 too (make_splash_mqa
+differs only in taking k without a head axis). Splash does not scale the logits, so q is
 multiplied by 1/sqrt(head_dim) first (in q's dtype: one extra rounding under bfloat16).
 
 The kernel runs only on TPU. `interpret=True` (attention_impl="splash_interpret")
