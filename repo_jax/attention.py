@@ -14,6 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from repo_jax.attention_splash import splash_attention
+
 
 def visible(q_index, kv_index, q_segment, kv_segment) -> jnp.ndarray:
     """Boolean [B, Tq, Tk] visibility mask from the rule above."""
@@ -188,4 +190,8 @@ def attend(q, k, v, *, q_index, kv_index, q_segment, kv_segment, impl: str = "xl
                           kv_segment=kv_segment, block_size=block_size)
     if impl == "cudnn":
         return _cudnn(q, k, v, visible(q_index, kv_index, q_segment, kv_segment))
-    raise ValueError(f"attention_impl={impl!r} is not available; use 'xla', 'blockwise' or 'cudnn'")
+    if impl in ("splash", "splash_interpret"):  # TPU kernel; the index vectors are slots 0..T-1
+        return splash_attention(q, k, v, q_segment=q_segment, kv_segment=kv_segment,
+                                block_size=block_size, interpret=impl == "splash_interpret")
+    raise ValueError(f"attention_impl={impl!r} is not available; use 'xla', 'blockwise', "
+                     "'cudnn' or 'splash'")

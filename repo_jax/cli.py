@@ -71,6 +71,11 @@ def check_attention_impl(impl: str, what: str) -> None:
     if impl == "cudnn" and platform not in ("gpu", "cuda"):
         raise UserError(f"{what}{'' if what.endswith('=') else ' '}cudnn needs an NVIDIA GPU, "
                         f"but JAX runs on {platform} here; use xla or blockwise")
+    # A run trained on TPU pods saves attention_impl="splash", which only TPUs run.
+    if impl == "splash" and platform != "tpu":
+        raise UserError(f"{what}{'' if what.endswith('=') else ' '}splash is the TPU kernel, "
+                        f"but JAX runs on {platform} here; pass --attention-impl xla (or "
+                        "blockwise for long contexts)")
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", **overrides):

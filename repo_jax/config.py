@@ -12,7 +12,8 @@ from typing import Any
 
 POSITION_SCHEMES = ("rope", "nope", "repo")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "blockwise", "cudnn")
+# "splash_interpret": the splash kernel in the Pallas interpreter, for tests on CPU.
+ATTENTION_IMPLS = ("xla", "blockwise", "cudnn", "splash", "splash_interpret")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -138,6 +139,9 @@ class ModelConfig:
         need(self.dtype in DTYPES, f"dtype={self.dtype!r}; use one of {DTYPES}")
         need(self.attention_impl in ATTENTION_IMPLS,
              f"attention_impl={self.attention_impl!r}; use one of {ATTENTION_IMPLS}")
+        need(not self.attention_impl.startswith("splash") or self.attention_block_size % 128 == 0,
+             f"attention_block_size={self.attention_block_size} must be a multiple of 128 "
+             f"(the TPU lane width) for attention_impl={self.attention_impl!r}")
         need(self.remat in REMAT_POLICIES, f"remat={self.remat!r}; use one of {REMAT_POLICIES}")
         need(self.init_std > 0, f"init_std={self.init_std} must be positive")
 

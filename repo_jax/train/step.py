@@ -19,7 +19,9 @@ from repo_jax.train.state import ModelSpec, TrainState
 
 
 def _forward_loss(spec: ModelSpec, mesh: Mesh, params, tokens):
-    logits = spec.merge(params)(tokens)
+    # The mesh in context lets kernels that need shard_map (splash attention) find it.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        logits = spec.merge(params)(tokens)
     logits = jax.lax.with_sharding_constraint(
         logits, shd.named(mesh, ("batch", "seq", "vocab"), logits.shape))
     return lm_loss(logits, tokens)
