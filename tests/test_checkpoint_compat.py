@@ -351,6 +351,22 @@ def test_yaml_reads_floats_as_yaml_1_2(tmp_path):
     assert yaml.safe_load("a: 1e-6") == {"a": "1e-6"}  # PyYAML's own loader is untouched
 
 
+def test_yaml_floats_agree_with_omegaconf(tmp_path):
+    """OLMo's trainer reads config.yaml through OmegaConf: every scalar form that AllenAI's
+    configs use (and a few edge forms) must come out as the same value and type here."""
+    from omegaconf import OmegaConf
+
+    text = ("a: 1e-6\nb: 5e5\nc: -2E+3\nd: .5\ne: 1.5\nf: 10\ng: 1_000\nh: '1e-6'\ni: 1e\n"
+            "j: 0x1F\nk: 1.0e+3\nl: .inf\nm: 6e-4\nn: true\no: null\np: 5e12\n")
+    ours = yaml.load(text, Loader=olmo_format._OlmoYamlLoader)
+    theirs = OmegaConf.to_container(OmegaConf.create(text))
+    assert ours == theirs
+    assert {k: type(v) for k, v in ours.items()} == {k: type(v) for k, v in theirs.items()}
+    (tmp_path / "config.yaml").write_text(allenai_yaml())
+    assert olmo_format.read_config(tmp_path / "config.yaml") == \
+        OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml"))["model"]
+
+
 def _olmo_model(**changes):
     m = yaml.load(allenai_yaml(), Loader=olmo_format._OlmoYamlLoader)["model"]
     return {**m, **changes}
