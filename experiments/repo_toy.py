@@ -88,8 +88,8 @@ QUICK = Plan(name="quick", layers=2, hidden=32, heads=2, intermediate=64, seq_le
              batch_size=4, steps=4, lr=3e-3, warmup=1, seeds=(0,), repo_start=1,
              rope_theta=10000.0, eval_examples=4, eval_every=2,
              synthetic={"num_pairs": 2, "max_rows": 4})
-# The same models and tasks trained 5x longer: for an accelerator (`--plan long`).
-LONG = dataclasses.replace(FULL, name="long", steps=4000, eval_every=250)
+# The same models and tasks trained 4x longer: for an accelerator (`--plan long`).
+LONG = dataclasses.replace(FULL, name="long", steps=3200, eval_every=200)
 PLANS = {"full": FULL, "quick": QUICK, "long": LONG}
 
 
@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the smoke-test plan (about a minute)")
     parser.add_argument("--plan", choices=sorted(PLANS),
-                        help="full (default), quick (= --quick), or long (5x the steps; an accelerator)")
+                        help="full (default), quick (= --quick), or long (4x the steps; an accelerator)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one XLA thread each)")
     parser.add_argument("--out", help="results (default: docs/experiments, or runs/repo_toy_quick/out)")
     parser.add_argument("--work", help="run directories and logs (default: runs/repo_toy[_quick])")
