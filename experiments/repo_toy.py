@@ -510,6 +510,9 @@ def report(plan: Plan, out: Path, argv: list[str], wall: float | None) -> None:
                                       "aggregate": agg, "positions": positions,
                                       "runs": {k: v["status"] for k, v in runs.items()},
                                       "files": written})
+    print(f"wrote {out / 'results.md'}, summary.json, {', '.join(written)}")
+    if wall is None and (out / "command.md").is_file():
+        return  # a rebuilt report keeps the record of the invocation that ran the runs
     import jax
 
     config = train_config(plan, "cont_repo", plan.seeds[0], Path("WORK")).to_dict()
@@ -523,7 +526,7 @@ def report(plan: Plan, out: Path, argv: list[str], wall: float | None) -> None:
         "- report rebuilt from existing run JSONs (--report-only)",
         "", "The TrainConfig of one run (cont_repo, first seed; WORK = --work):", "", "```yaml",
         __import__("yaml").safe_dump(config, sort_keys=False).rstrip(), "```", ""]))
-    print(f"wrote {out / 'results.md'}, summary.json, command.md, {', '.join(written)}")
+    print(f"wrote {out / 'command.md'}")
 
 
 def main(argv: list[str] | None = None) -> int:
