@@ -101,13 +101,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "subset of recall, lookup, induction")
         if args.examples < 1 or (args.train_length is not None and args.train_length < 10):
             raise UserError("--examples must be at least 1 and --train-length at least 10")
-        from repo_jax.cli import load_checkpoint
+        from pathlib import Path
 
-        model, _ = load_from_args(args)
-        metrics = run_synthetic(
-            model, lambda **o: load_checkpoint(args.checkpoint, args.dtype, **o)[0],
-            args.checkpoint, args.train_length, args.examples, args.eval_seed, args.batch_size,
-            tasks)
+        from repo_jax.loading import load_model
+
+        if not Path(args.checkpoint).exists():
+            raise UserError(f"--checkpoint {args.checkpoint}: no such directory")
+        # The task vocabulary needs no tokenizer; YaRN rows reload with their factor.
+        fixed = {k: v for k, v in (("attention_impl", args.attention_impl),
+                                   ("rope_scaling_factor", args.rope_scaling_factor)) if v is not None}
+
+        def load(**changes):
+            return load_model(args.checkpoint, args.dtype, **{**fixed, **changes})
+
+        metrics = run_synthetic(load(), load, args.checkpoint, args.train_length, args.examples,
+                                args.eval_seed, args.batch_size, tasks)
         return _report(args, metrics)
     model, tokenizer = load_from_args(args)
     encode = make_encoder(tokenizer, model.config.vocab_size)
