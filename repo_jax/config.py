@@ -212,8 +212,49 @@ _PRESETS: dict[str, tuple[dict[str, Any], int]] = {
 # Training configuration: one frozen dataclass per concern, loaded from YAML
 # with dotted `key=value` overrides (see `TrainConfig.load`).
 # ---------------------------------------------------------------------------
-DATA_SOURCES = ("embedded", "npy", "text", "tfds")
+DATA_SOURCES = ("embedded", "npy", "text", "tfds", "synthetic")
 SCHEDULES = ("linear", "cosine", "constant")
+SYNTHETIC_TASKS = ("recall", "lookup", "induction", "mix")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """`data.source: synthetic`: toy tasks generated on the fly (repo_jax/data/synthetic.py);
+    loss on the answer tokens only. Lengths and noise are drawn per example up to seq_len."""
+    task: str = "mix"                     # recall, lookup, induction, or mix (one of the three each)
+    vocab_size: int = 64                  # task vocabulary (the model's vocab_size must cover it)
+    seed: int = 0                         # training examples: example i = f(seed, i)
+    eval_seed: int = 1                    # held-out examples come from another seed
+    num_examples: int = 1048576           # training examples per epoch
+    num_eval_examples: int = 256
+    key_len: int = 2                      # recall: tokens per key
+    value_len: int = 2                    # recall: tokens per value (the answer)
+    num_pairs: int = 4                    # recall: real key-value pairs per example
+    max_noise: float = 0.8                # recall: noise ratio drawn in [0, max_noise]
+    near_miss: float = 0.5                # recall: share of the noise in near-miss key pairs
+    num_columns: int = 4                  # lookup: table columns
+    min_rows: int = 2                     # lookup: table rows drawn in [min_rows, max_rows]
+    max_rows: int = 16
+    min_length: float = 0.25              # induction: length drawn in [min_length, 1] x seq_len
+
+    def validate(self) -> None:
+        if self.task not in SYNTHETIC_TASKS:
+            raise ConfigError(f"data.synthetic.task={self.task!r}; use one of {SYNTHETIC_TASKS}")
+        if not 0.0 <= self.max_noise < 1.0 or not 0.0 <= self.near_miss <= 1.0:
+            raise ConfigError(f"data.synthetic.max_noise={self.max_noise} must be in [0, 1) and "
+                              f"near_miss={self.near_miss} in [0, 1]")
+        if not 0.0 < self.min_length <= 1.0:
+            raise ConfigError(f"data.synthetic.min_length={self.min_length} must be in (0, 1]")
+        for name in ("vocab_size", "num_examples", "num_eval_examples", "key_len", "value_len",
+                     "num_pairs", "num_columns", "min_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.synthetic.{name}={getattr(self, name)} must be at least 1")
+        if self.eval_seed == self.seed:
+            raise ConfigError(f"data.synthetic.eval_seed={self.eval_seed} equals seed: the held-out "
+                              "examples would be the training ones; pick another eval_seed")
+        if self.max_rows < self.min_rows:
+            raise ConfigError(f"data.synthetic.max_rows={self.max_rows} must be >= min_rows="
+                              f"{self.min_rows}")
 
 
 @dataclass(frozen=True)
@@ -234,8 +275,10 @@ class DataConfig:
     tfds_data_dir: str = ""
     max_documents: int = 0                # text/tfds/embedded: read at most this many (0 = all)
     eos_token_id: int = 100257            # appended after every tokenized document
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self) -> None:
+        self.synthetic.validate()
         if self.source not in DATA_SOURCES:
             raise ConfigError(f"data.source={self.source!r}; use one of {DATA_SOURCES}")
         if self.source in ("npy", "text") and not self.paths:

@@ -55,12 +55,15 @@ class BatchLoader:
         self.sharding, self.vocab_size = sharding, vocab_size
         self.lo, self.hi = shd.process_rows(sharding, self.shape, axis=1)
 
-    def local(self, first_sample: int) -> np.ndarray:
+    def local(self, first_sample: int) -> np.ndarray | dict[str, np.ndarray]:
+        """Tokens int32 [accum, rows, seq]; with a source that masks the loss,
+        {"tokens": ..., "loss_mask": float32 of the same shape}."""
         accum, micro, seq = self.shape
         samples = (first_sample + np.arange(accum)[:, None] * micro
                    + np.arange(self.lo, self.hi)[None, :]).ravel()
         indices = self.order(samples)
-        tokens = self.instances.read(indices).reshape(accum, self.hi - self.lo, seq)
+        tokens, mask = self.instances.read_masked(indices)
+        tokens = tokens.reshape(accum, self.hi - self.lo, seq)
         bad = np.argwhere((tokens >= self.vocab_size) | (tokens < 0))
         if len(bad):
             row = int(bad[0][0] * (self.hi - self.lo) + bad[0][1])
@@ -68,10 +71,12 @@ class BatchLoader:
                             f"{self.vocab_size} in {self.instances.where(int(indices[row]))} "
                             f"(instance {int(indices[row])}); the data "
                             "was tokenized for another vocabulary or data.token_dtype is wrong")
-        return tokens
+        if mask is None:
+            return tokens
+        return {"tokens": tokens, "loss_mask": mask.reshape(tokens.shape)}
 
-    def to_global(self, local: np.ndarray) -> jax.Array:
-        return shd.global_batch(local, self.sharding, self.shape)
+    def to_global(self, local: np.ndarray | dict[str, np.ndarray]) -> jax.Array | dict[str, jax.Array]:
+        return jax.tree.map(lambda a: shd.global_batch(a, self.sharding, self.shape), local)
 
 
 class Prefetcher:

@@ -43,6 +43,10 @@ class Instances(abc.ABC):
     def read(self, indices: np.ndarray) -> np.ndarray:
         """int32 [len(indices), seq_len]."""
 
+    def read_masked(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(tokens, loss mask float32 [n, seq_len] or None = every next token is a target)."""
+        return self.read(indices), None
+
     def subset(self, start: int, stop: int) -> "Instances":
         return _Range(self, start, stop)
 
@@ -58,6 +62,9 @@ class _Range(Instances):
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         return self.base.read(np.asarray(indices) + self.start)
+
+    def read_masked(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.base.read_masked(np.asarray(indices) + self.start)
 
     def where(self, index: int) -> str:
         return self.base.where(index + self.start)
@@ -259,6 +266,10 @@ def _packed(docs: list[str], cfg: DataConfig, what: str) -> PackedTokens:
 
 def open_sources(cfg: DataConfig) -> tuple[Instances, Instances | None]:
     """(train, eval) instances for a data config; eval is None when nothing is held out."""
+    if cfg.source == "synthetic":
+        from repo_jax.data.synthetic import open_synthetic
+
+        return open_synthetic(cfg.synthetic, cfg.seq_len)
     if cfg.source == "npy":
         train = _checked(NpyTokens(expand_paths(cfg.paths, "data.paths"), cfg.token_dtype, cfg.seq_len),
                          "data.paths", cfg)

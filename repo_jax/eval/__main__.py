@@ -12,7 +12,7 @@ from repo_jax.cli import (UserError, add_model_arguments, check_output, load_fro
                           write_atomic)
 from repo_jax.eval.perplexity import read_documents
 from repo_jax.eval.runner import (SPECIAL_TASKS, make_encoder, run_multiple_choice, run_niah,
-                                  run_perplexity)
+                                  run_perplexity, run_synthetic)
 from repo_jax.eval.tasks import TASKS
 
 
@@ -35,6 +35,11 @@ def table(task: str, metrics: dict) -> str:
     for row in metrics.get("cells", []):
         lines.append(f"  context {row['context_length']:>6}  depth {row['depth']:.2f}  "
                      f"accuracy {row['accuracy']:.4f}  ({row['examples']} samples)")
+    for row in metrics.get("synthetic", []):
+        setting = "  ".join(f"{k} {row[k]}" for k in ("noise", "rows", "multiple", "yarn") if k in row)
+        lines.append(f"  {row['task']:<9}  {setting:<22}  accuracy {row['accuracy']:.4f}  "
+                     f"answer loss {row['answer_loss']:.4f}  ({row['examples']} examples, "
+                     f"{row['length']} tokens)")
     return "\n".join(lines)
 
 
@@ -63,6 +68,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="key-value needles per prompt (one is asked, the rest distract)")
     group.add_argument("--samples", type=int, default=4, help="prompts per length and depth")
     group.add_argument("--seed", type=int, default=0)
+    group = parser.add_argument_group("synthetic (a run trained with data.source=synthetic)")
+    group.add_argument("--synthetic-tasks", default="recall,lookup,induction",
+                       help="comma-separated subset of recall, lookup, induction")
+    group.add_argument("--examples", type=int, default=256, help="examples per task and setting")
+    group.add_argument("--train-length", type=int,
+                       help="training sequence length (default: the run's data.seq_len)")
+    group.add_argument("--eval-seed", type=int,
+                       help="example seed (default: the run's data.synthetic.eval_seed)")
     args = parser.parse_args(argv)
 
     if args.task not in names:
@@ -89,6 +102,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.num_needles < 1 or args.samples < 1:
             raise UserError("--num-needles and --samples must be at least 1")
 
+    if args.task == "synthetic":
+        tasks = [t for t in args.synthetic_tasks.split(",") if t.strip()]
+        bad = sorted(set(tasks) - {"recall", "lookup", "induction"})
+        if bad or not tasks:
+            raise UserError(f"--synthetic-tasks {args.synthetic_tasks!r}: use a comma-separated "
+                            "subset of recall, lookup, induction")
+        if args.examples < 1 or (args.train_length is not None and args.train_length < 10):
+            raise UserError("--examples must be at least 1 and --train-length at least 10")
+        from pathlib import Path
+
+        from repo_jax.loading import load_model
+
+        if not Path(args.checkpoint).exists():
+            raise UserError(f"--checkpoint {args.checkpoint}: no such directory")
+        # The task vocabulary needs no tokenizer; YaRN rows reload with their factor.
+        fixed = {k: v for k, v in (("attention_impl", args.attention_impl),
+                                   ("rope_scaling_factor", args.rope_scaling_factor)) if v is not None}
+
+        def load(**changes):
+            return load_model(args.checkpoint, args.dtype, **{**fixed, **changes})
+
+        metrics = run_synthetic(load(), load, args.checkpoint, args.train_length, args.examples,
+                                args.eval_seed, args.batch_size, tasks)
+        return _report(args, metrics)
     model, tokenizer = load_from_args(args)
     encode = make_encoder(tokenizer, model.config.vocab_size)
     if args.task == "perplexity":
@@ -100,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         metrics = run_multiple_choice(model, encode, args.task, args.limit, args.batch_size,
                                       args.max_length)
+    return _report(args, metrics)
+
+
+def _report(args: argparse.Namespace, metrics: dict) -> int:
     print(table(args.task, metrics))
     summary = {"task": args.task, "checkpoint": str(args.checkpoint), "metrics": metrics,
                "settings": {k: v for k, v in vars(args).items() if k not in ("task", "checkpoint")}}

@@ -14,7 +14,7 @@ from repo_jax.eval.scoring import loglikelihoods, multiple_choice
 from repo_jax.eval.tasks import TASKS, load_examples
 from repo_jax.generate import generate
 
-SPECIAL_TASKS = ("perplexity", "niah")
+SPECIAL_TASKS = ("perplexity", "niah", "synthetic")
 
 
 def make_encoder(tokenizer, vocab_size: int) -> Callable[[str], list[int]]:
@@ -79,3 +79,26 @@ def run_niah(model, tokenizer, encode, context_lengths: Sequence[int], depths: S
             "cells": [{"context_length": c, "depth": d, "accuracy": float(np.mean(v)),
                        "examples": len(v)} for (c, d), v in sorted(by_cell.items())],
             "prompt_tokens": [len(prompts[i]) for i in range(len(cells))]}
+
+
+def run_synthetic(model, load, checkpoint: str, train_length: int | None, examples: int,
+                  seed: int | None, batch_size: int, tasks: Sequence[str]) -> dict:
+    """Exact match and answer-token loss on the synthetic tasks the run was trained on;
+    `load(**overrides)` reloads the weights with YaRN for the longer induction rows."""
+    from repo_jax.config import SyntheticConfig
+    from repo_jax.eval import synthetic
+
+    setup = synthetic.training_setup(checkpoint)
+    cfg, length = setup if setup is not None else (SyntheticConfig(), None)
+    length = train_length or length
+    if length is None:
+        raise UserError(f"--checkpoint {checkpoint} is not a run trained on data.source=synthetic; "
+                        "give --train-length (the training sequence length)")
+
+    def yarn(factor: float):
+        return load(rope_scaling_factor=factor, original_max_position_embeddings=length)
+
+    rows = synthetic.evaluate(model, cfg, length, examples, seed, batch_size, tasks, yarn)
+    return {"examples": sum(r["examples"] for r in rows),
+            "accuracy": float(np.mean([r["accuracy"] for r in rows])),
+            "train_length": length, "synthetic": rows}

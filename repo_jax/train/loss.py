@@ -6,14 +6,21 @@ import jax
 import jax.numpy as jnp
 
 
-def lm_loss(logits: jnp.ndarray, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+def lm_loss(logits: jnp.ndarray, tokens: jnp.ndarray,
+            loss_mask: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """logits float32 [B, T, V] of an instance `tokens` int32 [B, T] -> (mean CE, mean
     logsumexp^2) over the B * (T - 1) next-token predictions, as OLMo trains (the last
-    position has no target). The z-loss term keeps the softmax normaliser near 1."""
+    position has no target). The z-loss term keeps the softmax normaliser near 1.
+    `loss_mask` [B, T] (1 where token t is a target) restricts both means to those targets."""
     chex.assert_rank(logits, 3)
     chex.assert_shape(tokens, logits.shape[:2])
     logits = logits[:, :-1].astype(jnp.float32)
     targets = tokens[:, 1:]
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(lse - target_logit), jnp.mean(lse * lse)
+    if loss_mask is None:
+        return jnp.mean(lse - target_logit), jnp.mean(lse * lse)
+    chex.assert_shape(loss_mask, tokens.shape)
+    weight = loss_mask[:, 1:].astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(weight), 1.0)
+    return jnp.sum((lse - target_logit) * weight) / count, jnp.sum(lse * lse * weight) / count

@@ -18,40 +18,59 @@ from repo_jax.train.loss import lm_loss
 from repo_jax.train.state import ModelSpec, TrainState
 
 
-def _forward_loss(spec: ModelSpec, mesh: Mesh, params, tokens):
+def _forward_loss(spec: ModelSpec, mesh: Mesh, params, tokens, loss_mask=None):
     # The mesh in context lets kernels that need shard_map (splash attention) find it.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         logits = spec.merge(params)(tokens)
     logits = jax.lax.with_sharding_constraint(
         logits, shd.named(mesh, ("batch", "seq", "vocab"), logits.shape))
-    return lm_loss(logits, tokens)
+    return lm_loss(logits, tokens, loss_mask)
+
+
+def _unpack(batch) -> tuple[jax.Array, jax.Array | None]:
+    """A batch is tokens [accum, micro, T], or {"tokens", "loss_mask"} for a masked loss."""
+    if isinstance(batch, dict):
+        return batch["tokens"], batch["loss_mask"]
+    return batch, None
 
 
 def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, sched: optax.Schedule,
                     z_loss: float, mesh: Mesh, state_shardings: Any) -> Callable:
-    """(state, tokens int32 [accum, micro, T]) -> (state, metrics), state donated."""
+    """(state, tokens int32 [accum, micro, T] or {"tokens", "loss_mask"}) -> (state, metrics),
+    state donated."""
 
-    def loss_fn(params, tokens):
-        ce, z = _forward_loss(spec, mesh, params, tokens)
+    def loss_fn(params, tokens, loss_mask=None, share=None):
+        ce, z = _forward_loss(spec, mesh, params, tokens, loss_mask)
+        if share is not None:
+            ce, z = ce * share, z * share
         return ce + z_loss * z, (ce, z)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: jax.Array):
-        accum = batch.shape[0]
+    def step(state: TrainState, batch):
+        tokens, mask = _unpack(batch)
+        accum = tokens.shape[0]
         if accum == 1:
-            (_, (ce, z)), grads = grad_fn(state.params, batch[0])
+            (_, (ce, z)), grads = grad_fn(state.params, tokens[0], None if mask is None else mask[0])
         else:
-            def micro(carry, tokens):
+            if mask is None:
+                xs = (tokens,)
+            else:
+                # Masked micro-batches hold different numbers of targets: weighting each
+                # mean by its share of them makes the mean of means the mean over all.
+                counts = jnp.sum(mask[:, :, 1:], axis=(1, 2))
+                xs = (tokens, mask, counts * accum / jnp.maximum(jnp.sum(counts), 1.0))
+
+            def micro(carry, x):
                 g_sum, ce_sum, z_sum = carry
-                (_, (ce, z)), g = grad_fn(state.params, tokens)
+                (_, (ce, z)), g = grad_fn(state.params, *x)
                 return (jax.tree.map(jnp.add, g_sum, g), ce_sum + ce, z_sum + z), None
 
             zeros = jax.lax.with_sharding_constraint(
                 jax.tree.map(jnp.zeros_like, state.params), state_shardings.params)
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-            (grads, ce, z), _ = jax.lax.scan(micro, init, batch)
-            # Every micro-batch has the same number of targets: the mean of means is the mean.
+            (grads, ce, z), _ = jax.lax.scan(micro, init, xs)
+            # Every micro-batch counts the same (unmasked: the same number of targets).
             grads = jax.tree.map(lambda g: g / accum, grads)
             ce, z = ce / accum, z / accum
         grad_norm = optax.tree.norm(grads)
@@ -70,7 +89,8 @@ def make_eval_step(spec: ModelSpec, mesh: Mesh, param_shardings: dict[str, Named
     """(params, tokens [1, micro, T]) -> mean cross-entropy."""
 
     def evaluate(params, batch):
-        ce, _ = _forward_loss(spec, mesh, params, batch[0])
+        tokens, mask = _unpack(batch)
+        ce, _ = _forward_loss(spec, mesh, params, tokens[0], None if mask is None else mask[0])
         return ce
 
     return jax.jit(evaluate, in_shardings=(param_shardings, shd.batch_sharding(mesh)),

@@ -1,0 +1,1 @@
+"""Experiments run through the project's own trainer (`python -m experiments.NAME`)."""
