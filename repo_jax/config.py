@@ -407,8 +407,9 @@ class TrainConfig:
             raise ConfigError("eval_every and z_loss must be >= 0")
         if self.seed < 0:
             raise ConfigError(f"seed={self.seed} must be >= 0")
-        # Only tokenized documents get the EOS appended; npy files hold their own.
-        if self.data.source != "npy" and not 0 <= self.data.eos_token_id < self.model.vocab_size:
+        # Only tokenized documents get the EOS appended; npy files hold their own and
+        # synthetic tasks use their own vocabulary.
+        if self.data.source in ("text", "tfds", "embedded") and not 0 <= self.data.eos_token_id < self.model.vocab_size:
             raise ConfigError(f"data.eos_token_id={self.data.eos_token_id} is outside the model's "
                               f"vocabulary [0, {self.model.vocab_size}); use the tokenizer's EOS id")
         if self.batch_size % self.grad_accum:

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         metrics = run_synthetic(load(), load, args.checkpoint, args.train_length, args.examples,
                                 args.eval_seed, args.batch_size, tasks)
-        return _report(args, metrics)
+        return _report(args, output, metrics)
     model, tokenizer = load_from_args(args)
     encode = make_encoder(tokenizer, model.config.vocab_size)
     if args.task == "perplexity":
@@ -137,10 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         metrics = run_multiple_choice(model, encode, args.task, args.limit, args.batch_size,
                                       args.max_length)
-    return _report(args, metrics)
+    return _report(args, output, metrics)
 
 
-def _report(args: argparse.Namespace, metrics: dict) -> int:
+def _report(args: argparse.Namespace, output, metrics: dict) -> int:
     print(table(args.task, metrics))
     summary = {"task": args.task, "checkpoint": str(args.checkpoint), "metrics": metrics,
                "settings": {k: v for k, v in vars(args).items() if k not in ("task", "checkpoint")}}
