@@ -17,8 +17,6 @@ moved aside (<step>.corrupt-<reason>) and the next older one is tried.
 """
 from __future__ import annotations
 
-import logging
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,14 +36,6 @@ from repo_jax.train.state import TrainState
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
-class _QuietOrbaxErrors(logging.Filter):
-    """Orbax logs a failed background save with tracebacks before re-raising it in the
-    main thread; the Checkpointer reports it there in one line instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
-
-
 class Checkpointer:
     def __init__(self, directory: Path, cfg: CheckpointConfig, model_cfg: ModelConfig,
                  scan_layers: bool, step_metadata: dict[str, Any] | None = None):
@@ -56,8 +46,6 @@ class Checkpointer:
         self.primary = jax.process_index() == 0
         self.async_save = cfg.async_save
         self._saving: int | None = None
-        self._quiet = _QuietOrbaxErrors()
-        logging.getLogger("absl").addFilter(self._quiet)
         silence_save_fault_echoes()
         # Always Orbax's async checkpointer (it runs the callback that seals a step);
         # async_save=False waits for each save instead.
@@ -121,8 +109,8 @@ class Checkpointer:
             raise self._failed(step, reason) from None
 
     def _failed(self, step: int | None, reason: str) -> StorageError:
-        if self.primary and step is not None:
-            shutil.rmtree(self.directory / f"{step}{_TMP_SUFFIX}", ignore_errors=True)
+        # Its temporary directory (still being written by Orbax's other threads) never
+        # becomes a step; the next start removes it (cleanup_tmp_directories).
         self._saving = None
         good = [s for s in self.manager.all_steps() if s != step]
         kept = (f"the last good checkpoint, step {max(good)}, is untouched" if good
@@ -188,7 +176,6 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
-            logging.getLogger("absl").removeFilter(self._quiet)
 
 
 def all_finite(tree: Any) -> bool:

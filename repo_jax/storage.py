@@ -52,22 +52,26 @@ def writing(what: str, fix: str = "free disk space or fix the permissions") -> I
         raise StorageError(f"cannot write {what}: {reason}; {fix}") from None
 
 
-class _OrphanedFaults(logging.Filter):
-    """asyncio's 'exception was never retrieved' for the sibling writes of a failed save."""
+class _SaveFaultEchoes(logging.Filter):
+    """Log records of a failed save's fault: Orbax's background threads log it with a
+    traceback before it is re-raised (and reported once, as StorageError), asyncio logs
+    its sibling writes, which fail too, as 'exception was never retrieved', and those
+    still running when the process exits fail to schedule their next step."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         e = record.exc_info[1] if record.exc_info else None
-        return e is None or fault(e) is None
+        return e is None or (fault(e) is None and ".orbax-checkpoint-tmp" not in str(e)
+                             and not str(e).startswith("cannot schedule new futures after"))
 
 
 def silence_save_fault_echoes() -> None:
-    """A failed Orbax save leaves its other tensorstore writes failing later: asyncio logs
-    each as never retrieved (at exit) and their completion callbacks hit the closed event
-    loop. The fault itself is reported once, as StorageError; drop these echoes
-    (idempotent; other errors pass through)."""
-    log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _OrphanedFaults) for f in log.filters):
-        log.addFilter(_OrphanedFaults())
+    """Drop the echoes of a save's storage fault (idempotent; other errors pass through):
+    the records above, and the completion callbacks of the failed save's tensorstore
+    writes that reach Orbax's already closed event loop."""
+    for name in ("absl", "asyncio"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _SaveFaultEchoes) for f in log.filters):
+            log.addFilter(_SaveFaultEchoes())
     previous = sys.unraisablehook
     if getattr(previous, "_repo_jax", False):
         return
