@@ -4,7 +4,6 @@ one-line refusals of bad training values."""
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -195,13 +194,16 @@ def test_bad_training_values_are_one_line(tmp_path, tokens, capsys, monkeypatch,
 def test_file_size_limit_during_a_save_is_one_line_and_keeps_the_last_good_step(tmp_path, tokens):
     run_dir = tmp_path / "run"
     run(config(tmp_path, tokens, steps=2))
-
-    def limit():  # a file-size limit makes writes fail as a full disk does (EFBIG)
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
-
-    proc = subprocess.run([sys.executable, "train.py", *cli_args(tmp_path, tokens, steps=4)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    # A file-size limit makes writes fail as a full disk does (EFBIG instead of ENOSPC).
+    code = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+sys.path.insert(0, ".")
+runpy.run_path("train.py", run_name="__main__")
+"""
+    proc = subprocess.run([sys.executable, "-c", code, *cli_args(tmp_path, tokens, steps=4)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     line = _one_line_error(proc.stderr)
     assert proc.returncode == 1
     assert f"cannot save checkpoint step 4 in {run_dir / 'checkpoints'}: File too large (EFBIG)" in line
