@@ -30,9 +30,13 @@ class RunLock:
             os.close(fd)
             raise ConfigError(f"run_dir={run_dir} is in use by a running trainer ({holder}); "
                               "wait for it or stop it, or use another run_dir") from None
-        with writing(str(path)):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        try:
+            with writing(str(path)):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd: int | None = fd
 
     def release(self) -> None:
