@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from repo_jax import params_io, step_integrity
 from repo_jax.config import CheckpointConfig, ModelConfig
 from repo_jax.hf_format import FormatError
-from repo_jax.storage import StorageError, fault, silence_save_fault_echoes
+from repo_jax.storage import StorageError, fault, silence_fault_echoes
 from repo_jax.train.state import TrainState
 
 # Orbax (0.12) writes step N into N + this suffix and renames it when the save commits.
@@ -46,7 +46,7 @@ class Checkpointer:
         self.primary = jax.process_index() == 0
         self.async_save = cfg.async_save
         self._saving: int | None = None
-        silence_save_fault_echoes()
+        silence_fault_echoes()
         # Always Orbax's async checkpointer (it runs the callback that seals a step);
         # async_save=False waits for each save instead.
         options = ocp.CheckpointManagerOptions(

@@ -36,6 +36,7 @@ from flax import nnx
 from repo_jax import step_integrity
 from repo_jax.config import ConfigError, ModelConfig
 from repo_jax.hf_format import FormatError
+from repo_jax.storage import silence_fault_echoes
 
 FORMAT = "repo-jax-model"
 META_FILE = "repo_jax.json"
@@ -178,6 +179,7 @@ def restore_params(directory: str | os.PathLike, target: dict[str, Any],
 
 
 def _damaged(directory: str | os.PathLike, e: Exception) -> FormatError:
+    silence_fault_echoes()  # the failed read's sibling reads, reported here once
     return FormatError(f"{directory}: cannot read the saved parameters "
                        f"({str(e).splitlines()[0][:300] if str(e) else type(e).__name__}); "
                        "the checkpoint is damaged")
@@ -328,6 +330,7 @@ class ParamsReader:
                 self._open[key] = self._ts.open(self._spec(key), open=True, read=True,
                                                 context=self._context).result()
             except ValueError as e:
+                silence_fault_echoes()
                 raise FormatError(f"{self.path}: cannot open parameter {key!r} "
                                   f"({str(e).splitlines()[0]}); the checkpoint is "
                                   "damaged") from None
@@ -350,5 +353,6 @@ class ParamsReader:
         try:
             return np.asarray(array[index].read().result())
         except (OSError, ValueError) as e:
+            silence_fault_echoes()
             raise FormatError(f"{self.path}: cannot read parameter {key!r} "
                               f"({str(e).splitlines()[0][:300]}); the checkpoint is damaged") from None

@@ -64,10 +64,10 @@ class _SaveFaultEchoes(logging.Filter):
                              and not str(e).startswith("cannot schedule new futures after"))
 
 
-def silence_save_fault_echoes() -> None:
-    """Drop the echoes of a save's storage fault (idempotent; other errors pass through):
-    the records above, and the completion callbacks of the failed save's tensorstore
-    writes that reach Orbax's already closed event loop."""
+def silence_fault_echoes() -> None:
+    """Drop the echoes of a failed save or read (idempotent; other errors pass through):
+    the records above, and the completion callbacks of its other tensorstore operations
+    that reach Orbax's already closed event loop."""
     for name in ("absl", "asyncio"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _SaveFaultEchoes) for f in log.filters):
