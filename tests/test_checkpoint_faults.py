@@ -227,3 +227,26 @@ def test_permission_fault_while_sealing_a_step(tmp_path, tokens, capsys, monkeyp
     assert "the last good checkpoint, step 2, is untouched" in line
     assert _steps(tmp_path / "run") - {"4.orbax-checkpoint-tmp"} == {"2"}
     np.testing.assert_equal(sorted(losses(tmp_path / "run")), [1, 2, 3, 4])
+
+
+def test_step_with_nonfinite_values_is_set_aside(tmp_path, tokens, capsys):
+    import shutil
+
+    import jax
+
+    run(config(tmp_path, tokens, steps=4))
+    step_dir = tmp_path / "run" / "checkpoints" / "4"
+    # Step 4 rewritten with one NaN, checksums and all: its files verify, its values do not.
+    shapes = params_io.saved_shapes(step_dir)
+    values = {k: np.array(v) for k, v in params_io.restore_params(
+        step_dir, {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}).items()}
+    values["norm.weight"][0] = np.nan
+    shutil.rmtree(step_dir / "params")
+    params_io.save_params(step_dir, values)
+    step_integrity.write_manifest(step_dir)
+    capsys.readouterr()
+    run(config(tmp_path, tokens, steps=6))
+    out = capsys.readouterr().out
+    assert ("checkpoint step 4 is not usable: its parameters or optimizer state hold NaN or Inf; "
+            f"moved to {step_dir}.corrupt-nonfinite") in out
+    assert f"resumed from {step_dir.parent / '2'} (step 2," in out
