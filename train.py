@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from repo_jax.config import ConfigError, TrainConfig
     from repo_jax.data import DataError
     from repo_jax.hf_format import FormatError
+    from repo_jax.storage import StorageError
     from repo_jax.train import TrainingError, run
 
     try:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FormatError, DataError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     last = summary["last"]

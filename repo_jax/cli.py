@@ -27,13 +27,10 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         return 2
 
 
-def tokenizer_path(checkpoint: str | os.PathLike) -> Path | None:
-    """The checkpoint's own tokenizer.json (in DIR, or in the model directory a run
-    directory resolves to), or None to use the dolma2 default."""
-    from repo_jax import params_io
-
+def tokenizer_path(checkpoint: str | os.PathLike, resolved: Path | None = None) -> Path | None:
+    """The checkpoint's own tokenizer.json (in DIR, or in `resolved`, the model directory
+    a run directory resolves to), or None to use the dolma2 default."""
     checkpoint = Path(checkpoint)
-    resolved = params_io.resolve_model_dir(checkpoint) if checkpoint.is_dir() else None
     for folder in (checkpoint, resolved):
         if folder is not None and (folder / "tokenizer.json").is_file():
             return folder / "tokenizer.json"
@@ -80,14 +77,18 @@ def check_attention_impl(impl: str, what: str) -> None:
 
 def load_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", **overrides):
     """(model, tokenizer) for any `repo_jax.load_model`-able directory."""
+    from repo_jax import params_io
     from repo_jax.loading import load_model
     from repo_jax.olmo_data import load_tokenizer
 
     if not Path(checkpoint).exists():
         raise UserError(f"--checkpoint {checkpoint}: no such directory")
-    model = load_model(checkpoint, dtype, **overrides)
+    # Resolved (and so verified) once: a run directory's newest good step.
+    resolved = params_io.resolve_model_dir(checkpoint) if Path(checkpoint).is_dir() else None
+    model = (params_io.load_model_dir(resolved, dtype, **overrides) if resolved is not None
+             else load_model(checkpoint, dtype, **overrides))
     check_attention_impl(model.config.attention_impl, f"{checkpoint}: attention_impl=")
-    path = tokenizer_path(checkpoint)
+    path = tokenizer_path(checkpoint, resolved)
     try:
         tokenizer = load_tokenizer(path)
     except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse

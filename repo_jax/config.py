@@ -6,6 +6,7 @@ onto them with few renames (see `repo_jax/hf_format.py`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,13 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 class ConfigError(ValueError):
     """A configuration value is impossible; the message names the field and the fix."""
+
+
+def _number(key: str, value: Any, ok: bool, want: str) -> None:
+    """Refuse `key` unless it is a finite number with `ok` (NaN fails every comparison,
+    so `ok` written as the allowed range refuses it too)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+        raise ConfigError(f"{key}={value} must be {want}")
 
 
 def layer_schemes(
@@ -131,6 +139,9 @@ class ModelConfig:
              f"RePo assigns positions per query head and needs num_key_value_heads == "
              f"num_attention_heads (got {self.num_key_value_heads} vs {self.num_attention_heads}); "
              f"use full multi-head attention or no RePo layers")
+        for name in ("rope_theta", "rms_norm_eps", "rope_scaling_factor", "yarn_beta_fast",
+                     "yarn_beta_slow", "init_std"):
+            _number(name, getattr(self, name), True, "a finite number")
         need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
         need(self.rms_norm_eps > 0, f"rms_norm_eps={self.rms_norm_eps} must be positive")
         need(self.rope_scaling_factor >= 1.0,
@@ -289,8 +300,8 @@ class DataConfig:
             raise ConfigError(f"data.token_dtype={self.token_dtype!r}; use uint16 or uint32")
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len={self.seq_len} must be at least 2")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        _number("data.eval_fraction", self.eval_fraction, 0.0 <= self.eval_fraction < 1.0,
+                "in [0, 1)")
         if self.max_documents < 0:
             raise ConfigError(f"data.max_documents={self.max_documents} must be >= 0 (0 = all)")
 
@@ -308,12 +319,14 @@ class OptimizerConfig:
     clip_norm: float = 1.0                # global-norm clipping; 0 disables it
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optimizer.lr={self.lr} must be positive")
-        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
-            raise ConfigError(f"optimizer.b1/b2=({self.b1}, {self.b2}) must be in [0, 1)")
-        if self.weight_decay < 0 or self.clip_norm < 0 or self.eps <= 0:
-            raise ConfigError("optimizer.weight_decay and clip_norm must be >= 0, eps > 0")
+        _number("optimizer.lr", self.lr, self.lr > 0, "a finite number > 0")
+        _number("optimizer.b1", self.b1, 0 <= self.b1 < 1, "in [0, 1)")
+        _number("optimizer.b2", self.b2, 0 <= self.b2 < 1, "in [0, 1)")
+        _number("optimizer.eps", self.eps, self.eps > 0, "a finite number > 0")
+        _number("optimizer.weight_decay", self.weight_decay, self.weight_decay >= 0,
+                "a finite number >= 0")
+        _number("optimizer.clip_norm", self.clip_norm, self.clip_norm >= 0,
+                "a finite number >= 0 (0 disables clipping)")
 
 
 @dataclass(frozen=True)
@@ -329,8 +342,8 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.kind={self.kind!r}; use one of {SCHEDULES}")
         if self.warmup_steps < 0 or self.decay_steps < 0:
             raise ConfigError("schedule.warmup_steps and decay_steps must be >= 0")
-        if not 0.0 <= self.final_fraction <= 1.0:
-            raise ConfigError(f"schedule.final_fraction={self.final_fraction} must be in [0, 1]")
+        _number("schedule.final_fraction", self.final_fraction, 0.0 <= self.final_fraction <= 1.0,
+                "in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -393,6 +406,8 @@ class TrainConfig:
     compilation_cache_dir: str = "auto"   # "auto": run_dir/xla_cache; "": off
     tensorboard: bool = True
     progress: bool = True
+    # Resume a checkpoint trained under other model / optimizer-structure settings (logged).
+    resume_with_changed_config: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -403,13 +418,20 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.eval_every < 0 or self.z_loss < 0:
-            raise ConfigError("eval_every and z_loss must be >= 0")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every={self.eval_every} must be >= 0 (0: only at the end)")
         if self.seed < 0:
             raise ConfigError(f"seed={self.seed} must be >= 0")
+        _number("z_loss", self.z_loss, self.z_loss >= 0, "a finite number >= 0")
+        _number("peak_flops", self.peak_flops, self.peak_flops >= 0,
+                "a finite number >= 0 (0: look up or measure)")
+        if not self.run_dir.strip():
+            raise ConfigError("run_dir is empty; give a directory for the run's checkpoints "
+                              "and logs (e.g. run_dir=runs/my-run)")
         # Only tokenized documents get the EOS appended; npy files hold their own and
         # synthetic tasks use their own vocabulary.
-        if self.data.source in ("text", "tfds", "embedded") and not 0 <= self.data.eos_token_id < self.model.vocab_size:
+        tokenized = self.data.source in ("text", "tfds", "embedded")
+        if tokenized and not 0 <= self.data.eos_token_id < self.model.vocab_size:
             raise ConfigError(f"data.eos_token_id={self.data.eos_token_id} is outside the model's "
                               f"vocabulary [0, {self.model.vocab_size}); use the tokenizer's EOS id")
         if self.batch_size % self.grad_accum:

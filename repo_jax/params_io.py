@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 from flax import nnx
 
+from repo_jax import step_integrity
 from repo_jax.config import ConfigError, ModelConfig
 from repo_jax.hf_format import FormatError
+from repo_jax.storage import silence_fault_echoes
 
 FORMAT = "repo-jax-model"
 META_FILE = "repo_jax.json"
@@ -53,17 +56,39 @@ def is_model_dir(directory: str | os.PathLike) -> bool:
     return (Path(directory) / META_FILE).exists()
 
 
-def resolve_model_dir(path: str | os.PathLike) -> Path | None:
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def resolve_model_dir(path: str | os.PathLike, log: Callable[[str], None] = _warn) -> Path | None:
     """`path` itself if it is a model directory; for a training run directory
-    (`run_dir/checkpoints/<step>/`, each finished step a model directory) the
-    latest finished step; else None."""
+    (`run_dir/checkpoints/<step>/`) its newest step whose parameters verify against the
+    step's checksums (`step_integrity`), logging each newer step skipped and why; else
+    None. A training step named explicitly that fails verification is refused."""
     path = Path(path)
     if is_model_dir(path):
+        if step_integrity.is_training_step(path):
+            try:
+                step_integrity.verify(path, ("params",))
+            except step_integrity.BadStep as e:
+                raise FormatError(f"{path}: checkpoint step fails verification ({e.detail}); do "
+                                  "not use it: give the run directory to take its newest good "
+                                  "step") from None
         return path
     for root in (path / "checkpoints", path):
-        steps = [d for d in root.glob("*") if d.name.isdigit() and is_model_dir(d)] if root.is_dir() else []
-        if steps:
-            return max(steps, key=lambda d: int(d.name))
+        bad = []
+        for step_dir in step_integrity.step_dirs(root):
+            try:
+                step_integrity.verify(step_dir, ("params",))
+            except step_integrity.BadStep as e:
+                bad.append(f"step {step_dir.name} ({e.detail})")
+                continue
+            if bad:
+                log(f"{root}: skipped {'; '.join(bad)}; using step {step_dir.name}")
+            return step_dir
+        if bad:
+            raise FormatError(f"{root}: no checkpoint step verifies: {'; '.join(bad)}; the run "
+                              "has no usable checkpoint")
     return None
 
 
@@ -115,7 +140,10 @@ def saved_shapes(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...
 
     # The handler, not a Checkpointer: inside a training step directory the params item
     # has no step-level metadata of its own, and a Checkpointer would warn about it.
-    tree = ocp.StandardCheckpointHandler().metadata(Path(directory).absolute() / PARAMS_DIR).tree
+    try:
+        tree = ocp.StandardCheckpointHandler().metadata(Path(directory).absolute() / PARAMS_DIR).tree
+    except (OSError, ValueError) as e:
+        raise _damaged(directory, e) from None
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in tree.items()}
 
 
@@ -147,8 +175,18 @@ def restore_params(directory: str | os.PathLike, target: dict[str, Any],
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {k: t if getattr(t, "sharding", None) is not None
               else jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=local) for k, t in target.items()}
-    return ocp.StandardCheckpointHandler().restore(Path(directory).absolute() / PARAMS_DIR,
-                                                   args=ocp.args.StandardRestore(target))
+    try:
+        return ocp.StandardCheckpointHandler().restore(Path(directory).absolute() / PARAMS_DIR,
+                                                       args=ocp.args.StandardRestore(target))
+    except (OSError, ValueError) as e:  # tensorstore reports a truncated file as ValueError
+        raise _damaged(directory, e) from None
+
+
+def _damaged(directory: str | os.PathLike, e: Exception) -> FormatError:
+    silence_fault_echoes()  # the failed read's sibling reads, reported here once
+    return FormatError(f"{directory}: cannot read the saved parameters "
+                       f"({str(e).splitlines()[0][:300] if str(e) else type(e).__name__}); "
+                       "the checkpoint is damaged")
 
 
 def load_model_dir(directory: str | os.PathLike, dtype: str | None = None, **overrides) -> nnx.Module:
@@ -296,6 +334,7 @@ class ParamsReader:
                 self._open[key] = self._ts.open(self._spec(key), open=True, read=True,
                                                 context=self._context).result()
             except ValueError as e:
+                silence_fault_echoes()
                 raise FormatError(f"{self.path}: cannot open parameter {key!r} "
                                   f"({str(e).splitlines()[0]}); the checkpoint is "
                                   "damaged") from None
@@ -314,7 +353,10 @@ class ParamsReader:
     def read(self, key: str, axis: int = 0, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) along `axis` of parameter `key`."""
         array = self.array(key)
-        if array.rank == 0:
-            return np.asarray(array.read().result())
         index = tuple(slice(start, stop) if d == axis else slice(None) for d in range(array.rank))
-        return np.asarray(array[index].read().result())
+        try:
+            return np.asarray(array[index].read().result())
+        except (OSError, ValueError) as e:
+            silence_fault_echoes()
+            raise FormatError(f"{self.path}: cannot read parameter {key!r} "
+                              f"({str(e).splitlines()[0][:300]}); the checkpoint is damaged") from None

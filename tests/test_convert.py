@@ -21,7 +21,7 @@ from convert.__main__ import main
 from convert.exporter import export_model
 from convert.importer import import_checkpoint
 from convert.verify import VerifyError, verify_conversion
-from repo_jax import params_io
+from repo_jax import params_io, step_integrity
 from repo_jax.hf_format import config_from_hf
 from repo_jax.sources import open_source
 from tests.conftest import SMALL, add_repo_maps, hf_olmo2, write_hf_dir
@@ -249,6 +249,7 @@ class RunDirExportTest(parameterized.TestCase):
             d = tmp / "run" / "checkpoints" / str(step)
             params_io.save_params(d, params_io.flat_params(model))
             params_io.write_meta(d, model.config, {"step": step})
+            step_integrity.write_manifest(d)  # what makes a finished training step
         result = export_model(tmp / "run", tmp / "out", log=_quiet)
         self.assertEqual(Path(result["model_dir"]).name, "12")
         exported = Olmo2ForCausalLM.from_pretrained(tmp / "out", dtype=torch.float32,

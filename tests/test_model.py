@@ -234,13 +234,14 @@ def test_model_directory_round_trip(tmp_path, tokens):
 
 
 def test_run_directory_resolves_to_latest_step(tmp_path, tokens):
-    from repo_jax import params_io
+    from repo_jax import params_io, step_integrity
     model = _repo_model()
     for step in (5, 20):
         d = tmp_path / "checkpoints" / str(step)
         d.mkdir(parents=True)
         params_io.save_params(d, params_io.flat_params(model))
         params_io.write_meta(d, model.config, {"step": step})
-    (tmp_path / "checkpoints" / "30").mkdir()  # unfinished: no repo_jax.json
+        step_integrity.write_manifest(d)
+    (tmp_path / "checkpoints" / "30").mkdir()  # unfinished: no checksums
     assert params_io.resolve_model_dir(tmp_path) == tmp_path / "checkpoints" / "20"
     assert rj.load_model(tmp_path).config == model.config

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import repo_jax as rj
+from repo_jax import step_integrity
 from repo_jax.cli import run
 from repo_jax.positions import main
 from tests.cli_checkpoints import one_line_error, save_model_dir, tiny_config, word_tokenizer
@@ -50,6 +51,7 @@ def test_all_heads_grid_from_a_training_run_directory(checkpoint, tmp_path, caps
     # A run directory: checkpoints/<step>/ model directories, the latest is used.
     run_dir = tmp_path / "run"
     shutil.copytree(checkpoint, run_dir / "checkpoints" / "40")
+    step_integrity.write_manifest(run_dir / "checkpoints" / "40")  # a finished training step
     out = tmp_path / "grid.png"
     assert run(main, ["--checkpoint", str(run_dir), "--text", TEXT, "--all-heads",
                       "--out", str(out)]) == 0

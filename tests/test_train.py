@@ -109,16 +109,24 @@ def _one_line_error(err: str) -> str:
     return lines[0]
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokens, capsys):
-    rc, err = _cli(capsys, cli_args(tmp_path, tokens, steps=5, **{
+def test_nonfinite_loss_sets_aside_the_step_that_gave_it(tmp_path, tokens, capsys):
+    run(config(tmp_path, tokens, steps=2, **{"checkpoint.every": 1, "optimizer.clip_norm": 0}))
+    # From step 2 on, a huge lr makes step 3's update blow the weights up; step 4's loss is
+    # non-finite. Step 3's weights gave it, so it must not be resumed from again.
+    rc, err = _cli(capsys, cli_args(tmp_path, tokens, steps=6, **{
         "optimizer.lr": 1e30, "optimizer.clip_norm": 0, "checkpoint.every": 1}))
     line = _one_line_error(err)
     assert rc == 1
     step = int(line.split("at step ")[1].split(";")[0])
-    assert step >= 2
-    kept = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
-    assert kept[-1] == step - 1, (line, kept)
-    assert f"step {step - 1}" in line
+    assert step >= 4, line
+    ckpts = tmp_path / "run" / "checkpoints"
+    kept = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert kept[-1] == step - 2, (line, kept)
+    assert (ckpts / f"{step - 1}.corrupt-diverged").is_dir()
+    assert f"step {step - 1}, whose weights gave it, was moved to" in line
+    assert f"the last good checkpoint is step {step - 2}" in line
+    # What a rerun resumes from and the loaders take: the step before.
+    assert params_io.resolve_model_dir(tmp_path / "run") == ckpts / str(step - 2)
     assert all(np.isfinite(v).all() for v in final_params(tmp_path / "run").values())
 
 

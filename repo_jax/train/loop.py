@@ -1,6 +1,7 @@
 """The training loop: config -> mesh/model -> data -> step -> checkpoint/metrics."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,9 +20,13 @@ from repo_jax.checkpoint import Checkpointer
 from repo_jax.config import ConfigError, DistributedConfig, TrainConfig
 from repo_jax.data import BatchLoader, Prefetcher, SampleOrder, open_sources
 from repo_jax.hf_format import FormatError
+from repo_jax.run_lock import RunLock
+from repo_jax.step_integrity import BadStep
+from repo_jax.storage import writing
 from repo_jax.train import flops
 from repo_jax.train.metrics import MetricsLogger
 from repo_jax.train.optimizer import make_optimizer, schedule
+from repo_jax.train.resume import restore_newest_good, step_facts
 from repo_jax.train.state import ModelSpec, TrainState, init_params, model_spec
 from repo_jax.train.step import make_eval_step, make_train_step, opt_state_shardings
 
@@ -77,6 +82,22 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+def _diverged(ckpt: Checkpointer, loss: float, step: int) -> str:
+    """The message for a non-finite loss at `step`. When the newest checkpoint is the step
+    just before, its weights produced the non-finite loss: it is set aside (as
+    <step>.corrupt-diverged) so that a rerun does not resume from it and diverge again."""
+    ckpt.wait()
+    newest, moved = ckpt.latest_step(), ""
+    if newest is not None and newest == step - 1:
+        target = ckpt.set_aside(newest, BadStep("diverged", ""), lambda line: None)
+        moved = f"step {newest}, whose weights gave it, was moved to {target}; "
+        newest = ckpt.latest_step()
+    kept = (f"the last good checkpoint is step {newest} in {ckpt.directory}" if newest is not None
+            else "no good checkpoint remains")
+    return (f"non-finite loss ({loss}) at step {step}; stopped without saving: {moved}{kept} "
+            "(lower optimizer.lr or check the data, then rerun)")
+
+
 def _init_from_dir(path: str) -> Path:
     model_dir = params_io.resolve_model_dir(path)
     if model_dir is None:
@@ -100,12 +121,21 @@ def _init_from(path: str, params: dict, spec: ModelSpec, shardings: dict, log) -
 
 def run(cfg: TrainConfig, devices: list | None = None) -> dict[str, Any]:
     """Train (or resume) per `cfg` on `devices` (default: all); returns a summary. Raises
-    ConfigError / FormatError / DataError for bad input and TrainingError when training
-    cannot go on."""
+    ConfigError / FormatError / DataError for bad input, StorageError when run_dir cannot
+    be written and TrainingError when training cannot go on."""
+    # Releases the run_dir lock and closes the checkpointer however the run ends.
+    with contextlib.ExitStack() as cleanup:
+        return _run(cfg, devices, cleanup)
+
+
+def _run(cfg: TrainConfig, devices: list | None, cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir={cfg.run_dir} is a file, not a directory; give a directory "
+                          "for the run's checkpoints and logs")
     initialize_distributed(cfg.distributed)
     _compilation_cache(cfg)
     main = jax.process_index() == 0
-    run_dir = Path(cfg.run_dir)
 
     mesh = shd.make_mesh(cfg.mesh, devices)
     parallel = shd.batch_parallelism(mesh)
@@ -133,16 +163,22 @@ def run(cfg: TrainConfig, devices: list | None = None) -> dict[str, Any]:
     loader.local(0)
     if cfg.init_from and not (run_dir / "checkpoints").exists():
         _init_from_dir(cfg.init_from)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, cfg.model, cfg.scan_layers)
+    # One writer per run_dir (on a pod, process 0 holds it for the job).
+    if main:
+        cleanup.callback(RunLock(run_dir).release)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, cfg.model, cfg.scan_layers,
+                        step_facts(cfg))
+    cleanup.callback(ckpt.close)
     messages: list[str] = []
-    start = ckpt.latest_step()
     data_facts = {"seed": cfg.seed, "batch_size": cfg.batch_size,
                   "num_instances": train_data.num_instances, "seq_len": cfg.data.seq_len}
-    if start is not None:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                TrainState(jax.ShapeDtypeStruct((), jnp.int32), spec.abstract,
-                                           jax.eval_shape(tx.init, spec.abstract)), state_shard)
-        state, meta = ckpt.restore(start, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            TrainState(jax.ShapeDtypeStruct((), jnp.int32), spec.abstract,
+                                       jax.eval_shape(tx.init, spec.abstract)), state_shard)
+    restored = restore_newest_good(ckpt, cfg, abstract, messages.append)
+    if restored is not None:
+        state, meta = restored
+        start = int(meta["step"])
         changed = {k: (meta.get(k), v) for k, v in data_facts.items() if meta.get(k) != v}
         if changed:
             raise ConfigError(f"{run_dir}: the checkpoint at step {start} was trained with "
@@ -158,16 +194,16 @@ def run(cfg: TrainConfig, devices: list | None = None) -> dict[str, Any]:
         if cfg.init_from:
             params, init_report = _init_from(cfg.init_from, params, spec, p_shard, messages.append)
             if main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "init_from.json").write_text(json.dumps(init_report, indent=1))
+                with writing(str(run_dir / "init_from.json")):
+                    (run_dir / "init_from.json").write_text(json.dumps(init_report, indent=1))
         opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
         state = TrainState(jax.device_put(jnp.int32(0), shd.replicated(mesh)), params, opt_state)
 
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        with writing(str(run_dir / "config.yaml")):
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     logger = MetricsLogger(run_dir, total_steps=cfg.steps, start_step=start,
                            tensorboard=cfg.tensorboard, progress=cfg.progress, enabled=main)
     if start >= cfg.steps:
@@ -214,11 +250,7 @@ def run(cfg: TrainConfig, devices: list | None = None) -> dict[str, Any]:
                 metrics = jax.device_get(metrics)
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
-                    good = ckpt.latest_step()
-                    kept = (f"the last good checkpoint is step {good} in {ckpt.directory}"
-                            if good is not None else "no checkpoint was saved yet")
-                    raise TrainingError(f"non-finite loss ({loss}) at step {step}; stopped without "
-                                        f"saving, {kept} (lower optimizer.lr or check the data)")
+                    raise TrainingError(_diverged(ckpt, loss, step))
                 samples += cfg.batch_size
                 if step == start + 1:
                     # The first step compiles; time the rest.
@@ -245,15 +277,14 @@ def run(cfg: TrainConfig, devices: list | None = None) -> dict[str, Any]:
                 every = cfg.checkpoint.every
                 if (every and step % every == 0) or step == cfg.steps or flag.stop:
                     save(step)
-                ckpt.poll()
                 if flag.stop:
                     stopped = True
                     logger.message(f"SIGTERM: saved step {step}, exiting")
                     break
     finally:
         prefetch.close()
-        ckpt.close()
         logger.close()
+    ckpt.wait()
     final = int(state.step)
     return {"step": final, "stopped": stopped, "last": last, "run_dir": str(run_dir),
             "checkpoint": str(ckpt.directory / str(ckpt.latest_step())) if ckpt.latest_step() else None}

@@ -14,6 +14,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from repo_jax.storage import writing
+
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool,
@@ -24,8 +26,9 @@ class MetricsLogger:
         self.tb = None
         if not enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate(start_step)
+        with writing(str(self.path)):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate(start_step)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -58,7 +61,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
+        with writing(str(self.path)), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():
@@ -66,7 +69,9 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
         if self.bar is not None:
-            shown = {k: record[k] for k in ("loss", "eval_loss", "tokens_per_sec", "mfu") if k in record}
+            # The first logged step after (re)starting has no throughput yet (None).
+            shown = {k: record[k] for k in ("loss", "eval_loss", "tokens_per_sec", "mfu")
+                     if isinstance(record.get(k), (int, float))}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def message(self, text: str) -> None:
