@@ -1,13 +1,17 @@
 """Training-step throughput: repo-jax vs upstream PyTorch, side by side, one run.
 
-Measures, on the same token batch and the same starting weights, float32:
+For each named case, on the same token batch and the same starting weights, float32:
   * our jitted step (forward, backward, CE + z-loss, clipping, AdamW) on one device,
   * upstream `transformers.Olmo2ForCausalLM` + `torch.optim.AdamW` doing the same,
-  * our step with RePo layers (the model we actually train; upstream has no RePo),
-and prints tokens/s, MFU (FLOP formula in repo_jax/train/flops.py; peak = the
-host's measured float32 matmul rate) and the ratio.
+  * our step with RePo layers (upstream has no RePo),
+timed interleaved (one step of each side in turn, `--reps` rounds, best of them kept) so
+that load from other processes hits all sides alike. Prints s/step, tokens/s, MFU (FLOP
+formula in repo_jax/train/flops.py; peak obtained exactly as the trainer does, printed),
+the ratio to PyTorch and RePo's time over RoPE's, by wall time and by process CPU time
+(the latter barely moves when other processes share the cores).
 
-    python benchmarks/bench_train.py [--hidden 256 --layers 4 --seq 256 --batch 4 --steps 4]
+    python -m benchmarks.bench_train                       # every case
+    python -m benchmarks.bench_train --case long --reps 5  # one case
 """
 from __future__ import annotations
 
@@ -15,87 +19,109 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--intermediate", type=int, default=768)
-    ap.add_argument("--vocab", type=int, default=100352)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up)")
-    args = ap.parse_args()
+@dataclass(frozen=True)
+class Case:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int
+    batch: int
+    seq: int
+    repo_start: int  # the RePo side has RePo layers from here on
+    what: str
 
+
+CASES = {
+    "transformer": Case(512, 8, 8, 1536, 8192, 4, 512, 2,
+                        "transformer-shaped; RePo from layer 2 (the 1B recipe's 5 of 16)"),
+    "default": Case(256, 4, 4, 768, 100352, 4, 256, 1,
+                    "the old default: the 100k vocabulary projection dominates"),
+    "long": Case(256, 4, 4, 768, 4096, 2, 2048, 1, "2048 tokens: attention dominates"),
+    "repo-heavy": Case(512, 8, 8, 1536, 8192, 4, 512, 1,
+                       "transformer-shaped, RePo on every layer but the first"),
+}
+
+
+def model_config(c: Case, repo: bool = False):
+    from repo_jax.config import ModelConfig
+
+    # Special token ids inside the vocabulary: transformers refuses a padding index outside it.
+    special = min(100257, c.vocab - 2)
+    cfg = ModelConfig(vocab_size=c.vocab, hidden_size=c.hidden, intermediate_size=c.intermediate,
+                      num_hidden_layers=c.layers, num_attention_heads=c.heads,
+                      num_key_value_heads=c.heads, max_position_embeddings=max(c.seq, 64),
+                      original_max_position_embeddings=max(c.seq, 64),
+                      eos_token_id=special, pad_token_id=special + 1)
+    return cfg.replace(repo_start_layer=c.repo_start) if repo else cfg
+
+
+def jax_train_step(cfg, tokens, ocfg, z_loss: float):
+    """(jitted train step, [state] in a list to be replaced, batch) on one device, the
+    state built as the trainer builds it: an unplaced step counter or moments would make
+    the second call compile again (the old version of this script timed that compile)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    import torch
 
     from repo_jax import sharding as shd
-    from repo_jax.config import MeshConfig, ModelConfig, OptimizerConfig, ScheduleConfig
-    from repo_jax.hf_format import config_to_hf
+    from repo_jax.config import MeshConfig, ScheduleConfig
     from repo_jax.train import TrainState, init_params, model_spec
-    from repo_jax.train.flops import flops_per_token, measure_cpu_peak
     from repo_jax.train.optimizer import make_optimizer, schedule
     from repo_jax.train.step import make_train_step, opt_state_shardings
 
-    base = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                       num_key_value_heads=args.heads, max_position_embeddings=max(args.seq, 64),
-                       original_max_position_embeddings=max(args.seq, 64))
-    repo = base.replace(repo_start_layer=min(1, args.layers - 1))
+    mesh = shd.make_mesh(MeshConfig(), jax.devices()[:1])
+    spec = model_spec(cfg)
+    p_shard = shd.param_shardings(spec.abstract, spec.logical_axes, mesh)
+    sched = schedule(ScheduleConfig(kind="constant"), ocfg.lr, 1)
+    tx = make_optimizer(ocfg, sched, spec.abstract.keys())
+    shardings = TrainState(shd.replicated(mesh), p_shard, opt_state_shardings(tx, spec.abstract, p_shard, mesh))
+    params = init_params(spec, 0, p_shard)
+    state = TrainState(jax.device_put(jnp.int32(0), shd.replicated(mesh)), params,
+                       jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
+    step = make_train_step(spec, tx, sched, z_loss, mesh, shardings)
+    return step, [state], jax.device_put(tokens[None], shd.batch_sharding(mesh))
+
+
+def run_case(name: str, c: Case, reps: int, peak: float) -> dict:
+    import numpy as np
+    import torch
+
+    from repo_jax.config import ModelConfig, OptimizerConfig
+    from repo_jax.hf_format import config_to_hf, path_to_hf
+    from repo_jax.train.flops import flops_per_token
+
+    base, repo = model_config(c), model_config(c, repo=True)
     ocfg = OptimizerConfig(lr=1e-3)
     z_loss = 1e-5
-    tokens = np.random.default_rng(0).integers(0, min(args.vocab, 100278), (args.batch, args.seq)).astype(np.int32)
-    n_tok = args.batch * args.seq
-    peak = measure_cpu_peak()
-    torch.set_num_threads(os.cpu_count() or 1)
-    print(f"batch {args.batch} x {args.seq} tokens, d={args.hidden}, {args.layers} layers, vocab {args.vocab}; "
-          f"float32 on {os.cpu_count()} CPU cores; measured peak {peak / 1e9:.1f} GFLOP/s")
-
-    def time_steps(fn) -> float:
-        fn()  # warm-up (compile)
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            fn()
-        return (time.perf_counter() - t) / args.steps
+    tokens = np.random.default_rng(0).integers(0, c.vocab, (c.batch, c.seq)).astype(np.int32)
+    n_tok = c.batch * c.seq
 
     def ours(cfg: ModelConfig):
-        mesh = shd.make_mesh(MeshConfig(), jax.devices()[:1])
-        spec = model_spec(cfg)
-        p_shard = shd.param_shardings(spec.abstract, spec.logical_axes, mesh)
-        sched = schedule(ScheduleConfig(kind="constant"), ocfg.lr, 1)
-        tx = make_optimizer(ocfg, sched, spec.abstract.keys())
-        shardings = TrainState(shd.replicated(mesh), p_shard, opt_state_shardings(tx, spec.abstract, p_shard, mesh))
-        params = init_params(spec, 0, p_shard)
-        state = [TrainState(jnp.int32(0), params, jax.jit(tx.init)(params))]
-        host_params = {k: np.asarray(v) for k, v in params.items()}
-        step = make_train_step(spec, tx, sched, z_loss, mesh, shardings)
-        batch = jax.device_put(tokens[None], shd.batch_sharding(mesh))
-        first = []
+        step, state, batch = jax_train_step(cfg, tokens, ocfg, z_loss)
+        host_params = {k: np.asarray(v) for k, v in state[0].params.items()}
+        losses = []
 
         def run_one():
             state[0], m = step(state[0], batch)
-            first.append(float(m["loss"]))
+            losses.append(float(m["loss"]))  # waits for the step
+            assert step._cache_size() == 1, "the train step compiled again"
 
-        return time_steps(run_one), first[0], host_params
+        return run_one, losses, host_params
 
     def upstream(cfg: ModelConfig, params: dict):
         from transformers import Olmo2Config, Olmo2ForCausalLM
 
-        from repo_jax.hf_format import path_to_hf
-
         model = Olmo2ForCausalLM(Olmo2Config(**config_to_hf(cfg))).float().train()
         sd = {}
         for key, value in params.items():
-            name, transpose = path_to_hf(tuple(int(p) if p.isdigit() else p for p in key.split(".")))
-            sd[name] = torch.from_numpy(np.array(value.T if transpose else value))
+            hf_name, transpose = path_to_hf(tuple(int(p) if p.isdigit() else p for p in key.split(".")))
+            sd[hf_name] = torch.from_numpy(np.array(value.T if transpose else value))
         model.load_state_dict(sd, strict=True)
         decay = [p for n, p in model.named_parameters() if "embed_tokens" not in n]
         no_decay = [p for n, p in model.named_parameters() if "embed_tokens" in n]
@@ -103,7 +129,7 @@ def main() -> None:
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=ocfg.lr, betas=(ocfg.b1, ocfg.b2), eps=ocfg.eps)
         ids = torch.from_numpy(tokens).long()
-        first = []
+        losses = []
 
         def run_one():
             logits = model(ids).logits[:, :-1].float()
@@ -114,22 +140,66 @@ def main() -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.clip_norm)
             opt.step()
-            first.append(ce.item())
+            losses.append(ce.item())
 
-        return time_steps(run_one), first[0]
+        return run_one, losses
 
-    t_ours, loss_ours, params = ours(base)
-    t_torch, loss_torch = upstream(base, params)
-    t_repo, _, _ = ours(repo)
+    jax_rope, loss_rope, params = ours(base)
+    torch_rope, loss_torch = upstream(base, params)
+    del params
+    jax_repo, _, _ = ours(repo)
+    sides = {"repo-jax": jax_rope, "transformers + torch AdamW": torch_rope, "repo-jax, RePo layers": jax_repo}
+    best = {k: float("inf") for k in sides}
+    cpu = {k: float("inf") for k in sides}
+    for fn in sides.values():
+        fn()  # warm-up: compile
+    for _ in range(reps):
+        for k, fn in sides.items():
+            t, c0 = time.perf_counter(), time.process_time()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t)
+            cpu[k] = min(cpu[k], time.process_time() - c0)
 
-    rows = [("repo-jax (jax.jit step)", base, t_ours), ("transformers + torch AdamW", base, t_torch),
-            ("repo-jax, RePo layers", repo, t_repo)]
-    print(f"first-step loss on the same weights: repo-jax {loss_ours:.6f}, transformers {loss_torch:.6f}")
-    print(f"{'':30s} {'s/step':>8s} {'tokens/s':>10s} {'MFU':>7s}")
-    for name, cfg, t in rows:
-        mfu = flops_per_token(cfg, args.seq) * n_tok / t / peak
-        print(f"{name:30s} {t:8.3f} {n_tok / t:10.1f} {mfu:7.1%}")
-    print(f"ratio repo-jax / transformers tokens/s: {t_torch / t_ours:.2f}x")
+    repo_layers = ",".join(map(str, repo.repo_layers))
+    print(f"\n[{name}] {c.what}\n  batch {c.batch} x {c.seq} tokens, d={c.hidden}, {c.layers} layers, "
+          f"{c.heads} heads, I={c.intermediate}, vocab {c.vocab}; RePo layers {repo_layers}")
+    print(f"  first-step loss on the same weights: repo-jax {loss_rope[0]:.6f}, transformers {loss_torch[0]:.6f}")
+    print(f"  {'':28s} {'s/step':>8s} {'CPU s/step':>10s} {'tokens/s':>9s} {'MFU':>6s}")
+    for k, cfg in (("repo-jax", base), ("transformers + torch AdamW", base), ("repo-jax, RePo layers", repo)):
+        mfu = flops_per_token(cfg, c.seq) * n_tok / best[k] / peak
+        print(f"  {k:28s} {best[k]:8.3f} {cpu[k]:10.3f} {n_tok / best[k]:9.1f} {mfu:6.1%}")
+    ratio = best["transformers + torch AdamW"] / best["repo-jax"]
+    repo_ratio = best["repo-jax, RePo layers"] / best["repo-jax"]
+    repo_cpu = cpu["repo-jax, RePo layers"] / cpu["repo-jax"]
+    flop_ratio = flops_per_token(repo, c.seq) / flops_per_token(base, c.seq)
+    # Process CPU time is what the step itself consumed: on a loaded host wall time also
+    # counts the time the scheduler gave to other processes (torch's OpenMP workers also
+    # spin while they wait, so its CPU time is inflated; compare it by wall time).
+    print(f"  repo-jax / transformers speed: {ratio:.2f}x   RePo / RoPE step time: {repo_ratio:.3f} "
+          f"wall, {repo_cpu:.3f} CPU (FLOP ratio {flop_ratio:.4f})")
+    return {"ratio": ratio, "repo_ratio": repo_ratio, "repo_cpu": repo_cpu}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", action="append", choices=sorted(CASES),
+                    help="case to run (repeatable; default: all)")
+    ap.add_argument("--reps", type=int, default=3, help="timed rounds per side (best kept)")
+    args = ap.parse_args()
+
+    import jax
+    import torch
+
+    from repo_jax.train.flops import peak_flops
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    peak, how = peak_flops(0.0, 1)  # what train.py divides by on this host
+    print(f"float32 on {os.cpu_count()} CPU cores ({jax.default_backend()}); "
+          f"peak {peak / 1e9:.1f} GFLOP/s ({how}); best of {args.reps} interleaved rounds")
+    results = {name: run_case(name, CASES[name], args.reps, peak) for name in args.case or CASES}
+    print(f"\n{'case':12s} {'repo-jax/transformers':>22s} {'RePo/RoPE wall':>15s} {'RePo/RoPE CPU':>14s}")
+    for name, r in results.items():
+        print(f"{name:12s} {r['ratio']:21.2f}x {r['repo_ratio']:15.3f} {r['repo_cpu']:14.3f}")
 
 
 if __name__ == "__main__":

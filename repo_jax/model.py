@@ -31,9 +31,21 @@ def _init(cfg: ModelConfig):
     return nnx.initializers.truncated_normal(stddev=cfg.init_std, lower=-3.0, upper=3.0)
 
 
+class FlatLinear(nnx.Linear):
+    """nnx.Linear (same parameters) applied to its input reshaped to 2-D [B*T, d_in].
+    On XLA:CPU the weight gradient of a [B, T, d] x [d, out] dot costs a transposed copy
+    of the [B*T, out] gradient and a slower dot kernel (the profile of the train step had
+    these copies among its largest ops); on a 2-D input it is one plain dot. The reshape
+    is free on every backend and keeps the batch dimension major, so its sharding holds."""
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        y = super().__call__(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs,
             dtype: Any = None) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype or cfg.dtype,
+    return FlatLinear(d_in, d_out, use_bias=False, dtype=dtype or cfg.dtype,
                       param_dtype=cfg.param_dtype, kernel_init=_init(cfg),
                       kernel_metadata={"logical_axes": axes}, rngs=rngs)
 
@@ -94,21 +106,22 @@ class Attention(nnx.Module):
         chex.assert_shape(z, (*x.shape[:2], self.cfg.num_attention_heads))
         return z
 
-    def __call__(self, x, ctx: LayerContext, rotate: jnp.ndarray, cache: LayerCache | None):
+    def __call__(self, x, ctx: LayerContext, rotate: bool | jnp.ndarray, cache: LayerCache | None):
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x)).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
         k = self.k_norm(self.k_proj(x)).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        if self.is_repo:
-            z = self.repo_positions(x)
-            cos, sin = rope_cos_sin(z, cfg)  # per token and head: [B, T, H, hd]
-        else:
-            z = None
-            cos, sin = rope_cos_sin(ctx.positions[:, :, None], cfg)  # [B, T, 1, hd]
-        # `rotate` is False on NoPE layers; an array so that scanned layers can differ.
-        q = jnp.where(rotate, apply_rope(q, cos, sin), q)
-        k = jnp.where(rotate, apply_rope(k, cos, sin), k)
+        z = self.repo_positions(x) if self.is_repo else None
+        # `rotate` is False on NoPE layers: a Python bool when known at trace time (no RoPE
+        # work at all on NoPE layers), an array when scanned layers differ.
+        if rotate is not False:
+            # Half-width tables, once per layer: per token and head [B, T, H, hd/2] on RePo
+            # layers, per token [B, T, 1, hd/2] otherwise.
+            cos, sin = rope_cos_sin(ctx.positions[:, :, None] if z is None else z, cfg)
+            q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = q_rot if rotate is True else jnp.where(rotate, q_rot, q)
+            k = k_rot if rotate is True else jnp.where(rotate, k_rot, k)
         if cache is not None:
             start = (0, ctx.cache_start, 0, 0)
             k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
@@ -264,12 +277,15 @@ class Olmo2Model(nnx.Module):
         """Run layers `group` (same structure). One layer is called directly; more
         are stacked and run under `jax.lax.scan` so XLA compiles one body."""
         cfg = self.config
-        rotate = jnp.asarray([cfg.layer_schemes[i] != "nope" for i in group])
+        rotate = [cfg.layer_schemes[i] != "nope" for i in group]
+        # Static when the whole group agrees, so that the trace holds no RoPE for NoPE layers.
+        static_rotate = rotate[0] if len(set(rotate)) == 1 else None
+        rotate = jnp.asarray(rotate)
         graphdef, _ = nnx.split(self.layers[group[0]])
 
         def body(x, state, rot, layer_cache):
             block = nnx.merge(graphdef, state)
-            return block(x, ctx, rot, layer_cache)
+            return block(x, ctx, rot if static_rotate is None else static_rotate, layer_cache)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=len(group) == 1)

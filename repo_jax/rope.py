@@ -42,19 +42,18 @@ def inv_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
 
 
 def rope_cos_sin(positions: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos/sin of shape positions.shape + [head_dim] for float positions (any leading dims)."""
+    """cos/sin of shape positions.shape + [head_dim / 2] for float positions (any leading
+    dims). Half width: both halves of a head rotate by the same angles, so a full-width
+    table would only repeat them (and, for RePo's per-head tables, double the
+    transcendentals and their backward pass)."""
     inv_freq, scale = inv_frequencies(cfg)
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
-def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """Rotate x [..., head_dim] (half-split layout) in float32; returns x's dtype."""
+    """Rotate x [..., head_dim] (half-split layout, as `rotate_half` in HF) by half-width
+    cos/sin [..., head_dim / 2] in float32; returns x's dtype."""
     x32 = x.astype(jnp.float32)
-    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
