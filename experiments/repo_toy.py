@@ -79,17 +79,21 @@ class Plan:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-# 18 runs, about 3,450 core-seconds measured (0.29 s per step on one core): about 30
-# minutes on 2 idle CPU cores (--jobs 2) and 4.5 minutes on 16 (--jobs 16).
-FULL = Plan(name="full", layers=4, hidden=128, heads=4, intermediate=256, seq_len=64,
-            batch_size=16, steps=800, lr=3e-3, warmup=30, seeds=(0, 1, 2), repo_start=1,
-            rope_theta=10000.0, eval_examples=128, eval_every=50, synthetic={"num_pairs": 3})
+# Design 2 (design 1, one query per example on 16 x 64 tokens for 800 steps, learned
+# nothing in any arm; see docs/experiments/design1/): several supervised queries per
+# example (Zoology's MQAR), 32 x 128 tokens per step, 1500 steps. 18 runs; on one
+# H200 shared by 12 processes (--jobs 12) about 2 minutes; on 2 CPU cores many hours
+# (docs/experiments/README.md gives the measured figures).
+FULL = Plan(name="full", layers=4, hidden=128, heads=4, intermediate=256, seq_len=128,
+            batch_size=32, steps=1500, lr=3e-3, warmup=50, seeds=(0, 1, 2), repo_start=1,
+            rope_theta=10000.0, eval_examples=128, eval_every=100,
+            synthetic={"num_pairs": 6, "num_queries": 4})
 QUICK = Plan(name="quick", layers=2, hidden=32, heads=2, intermediate=64, seq_len=32,
              batch_size=4, steps=4, lr=3e-3, warmup=1, seeds=(0,), repo_start=1,
              rope_theta=10000.0, eval_examples=4, eval_every=2,
-             synthetic={"num_pairs": 2, "max_rows": 4})
-# The same models and tasks trained 4x longer: for an accelerator (`--plan long`).
-LONG = dataclasses.replace(FULL, name="long", steps=3200, eval_every=200)
+             synthetic={"num_pairs": 2, "num_queries": 2, "max_rows": 4})
+# The same models and tasks trained 4x longer (`--plan long`).
+LONG = dataclasses.replace(FULL, name="long", steps=6000, eval_every=400)
 PLANS = {"full": FULL, "quick": QUICK, "long": LONG}
 
 
@@ -197,7 +201,8 @@ def run_job(plan: Plan, arm: str, seed: int, work: Path) -> dict:
               "final": summary["last"], "eval": rows,
               "curve": [{k: c.get(k) for k in ("step", "loss", "eval_loss", "tokens_per_sec")}
                         for c in curve],
-              "config": cfg.to_dict(), "jax": jax.__version__, "platform": jax.devices()[0].platform}
+              "config": cfg.to_dict(), "jax": jax.__version__, "platform": jax.devices()[0].platform,
+              "matmul_precision": jax.config.jax_default_matmul_precision}
     if cfg.model.repo_layers:
         from repo_jax.data.synthetic import token_names
 
@@ -539,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one XLA thread each)")
     parser.add_argument("--out", help="results (default: docs/experiments, or runs/repo_toy_quick/out)")
     parser.add_argument("--work", help="run directories and logs (default: runs/repo_toy[_quick])")
+    parser.add_argument("--matmul-precision", choices=("default", "high", "highest"),
+                        help="jax_default_matmul_precision of every run (highest: float32 "
+                             "matmuls on GPUs, no TF32)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the report from OUT/runs/*.json without running anything")
     parser.add_argument("--job", choices=ARMS, help=argparse.SUPPRESS)
@@ -551,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         print(f"error: --jobs {args.jobs}: must be at least 1", file=sys.stderr)
         return 2
+    if args.matmul_precision:  # read by JAX in every run's subprocess
+        os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = args.matmul_precision
     if args.job:
         record = run_job(plan, args.job, args.seed, work)
         write_json(out / "runs" / f"{record['run']}.json", record)
