@@ -81,19 +81,19 @@ class Plan:
 
 # Design 2 (design 1, one query per example on 16 x 64 tokens for 800 steps, learned
 # nothing in any arm; see docs/experiments/design1/): several supervised queries per
-# example (Zoology's MQAR), 32 x 128 tokens per step, 1500 steps. 18 runs; on one
-# H200 shared by 12 processes (--jobs 12) about 2 minutes; on 2 CPU cores many hours
-# (docs/experiments/README.md gives the measured figures).
+# example (Zoology's MQAR), 32 x 128 tokens per step, 1500 steps. 18 runs, about 7x
+# design 1's compute: hours on 2 CPU cores, meant for an accelerator (measured
+# figures and the state of its runs: docs/experiments/README.md).
 FULL = Plan(name="full", layers=4, hidden=128, heads=4, intermediate=256, seq_len=128,
             batch_size=32, steps=1500, lr=3e-3, warmup=50, seeds=(0, 1, 2), repo_start=1,
-            rope_theta=10000.0, eval_examples=128, eval_every=100,
+            rope_theta=10000.0, eval_examples=64, eval_every=150,
             synthetic={"num_pairs": 6, "num_queries": 4})
 QUICK = Plan(name="quick", layers=2, hidden=32, heads=2, intermediate=64, seq_len=32,
              batch_size=4, steps=4, lr=3e-3, warmup=1, seeds=(0,), repo_start=1,
              rope_theta=10000.0, eval_examples=4, eval_every=2,
              synthetic={"num_pairs": 2, "num_queries": 2, "max_rows": 4})
 # The same models and tasks trained 4x longer (`--plan long`).
-LONG = dataclasses.replace(FULL, name="long", steps=6000, eval_every=400)
+LONG = dataclasses.replace(FULL, name="long", steps=6000, eval_every=600)
 PLANS = {"full": FULL, "quick": QUICK, "long": LONG}
 
 
