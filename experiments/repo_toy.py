@@ -266,12 +266,12 @@ def launch(plan: Plan, arm: str, seed: int, work: Path, out: Path, base: Future 
     return record
 
 
-def run_all(plan: Plan, jobs: int, work: Path, out: Path) -> None:
+def run_all(plan: Plan, jobs: int, work: Path, out: Path, seeds: tuple[int, ...] | None = None) -> None:
     from tqdm import tqdm
 
     done = {k for k, v in read_runs(out, plan).items() if v.get("status") == "ok"}
     # Bases first so that no continuation waits behind work that has not started.
-    order = sorted(((a, s) for s in plan.seeds for a in ARMS),
+    order = sorted(((a, s) for s in (seeds or plan.seeds) for a in ARMS),
                    key=lambda x: (x[0] != "base", x[0].startswith("cont_"), x[1]))
     todo = [(a, s) for a, s in order if run_name(a, s) not in done]
     print(f"plan {plan.name} ({plan.tag}): {len(done)} run(s) already done, {len(todo)} to run, "
@@ -547,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matmul-precision", choices=("default", "high", "highest"),
                         help="jax_default_matmul_precision of every run (highest: float32 "
                              "matmuls on GPUs, no TF32)")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="run only these seeds of the plan (the others can run elsewhere; "
+                             "their JSONs merge in OUT/runs)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the report from OUT/runs/*.json without running anything")
     parser.add_argument("--job", choices=ARMS, help=argparse.SUPPRESS)
@@ -559,6 +562,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         print(f"error: --jobs {args.jobs}: must be at least 1", file=sys.stderr)
         return 2
+    if args.seeds and not set(args.seeds) <= set(plan.seeds):
+        print(f"error: --seeds {' '.join(map(str, args.seeds))}: the plan {plan.name} has seeds "
+              f"{' '.join(map(str, plan.seeds))}; pick among them", file=sys.stderr)
+        return 2
     if args.matmul_precision:  # read by JAX in every run's subprocess
         os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = args.matmul_precision
     if args.job:
@@ -568,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.report_only:
-        run_all(plan, args.jobs, work, out)
+        run_all(plan, args.jobs, work, out, tuple(args.seeds or ()))
     report(plan, out, argv, None if args.report_only else time.perf_counter() - t0)
     failed = [k for k, v in read_runs(out, plan).items() if v["status"] != "ok"]
     if failed:
