@@ -1,6 +1,7 @@
 """Does RePo help? RoPE vs NoPE vs RePo on synthetic tasks, through the project's trainer.
 
-    python -m experiments.repo_toy [--quick] [--jobs N] [--out DIR] [--work DIR] [--report-only]
+    python -m experiments.repo_toy [--quick | --plan P] [--jobs N] [--seeds S ...]
+        [--matmul-precision highest] [--out DIR] [--work DIR] [--report-only]
 
 Trains tiny OLMo-2 models (`train.py`'s `repo_jax.train.run`, `data.source: synthetic`,
 loss on answer tokens only) on a mix of noisy associative recall, structured lookup

@@ -3,16 +3,18 @@
 Every example is a pure function of (seed, index), generated when it is read: a
 context, then `num_queries` questions each followed by its answer tokens (several
 supervised answers per sequence, as in Zoology's MQAR), then padding to the row
-width. The loss mask is 1 on the answer tokens only. Three tasks, over a small task vocabulary whose first
-`FIRST_SYMBOL` ids are markers and the rest content symbols:
+width. The loss mask is 1 on the answer tokens only. Three tasks, over a small task
+vocabulary whose first `FIRST_SYMBOL` ids are markers and the rest content symbols:
 
 * `recall` (noisy associative recall, after RULER's NIAH): `num_pairs` key-value
   pairs (`key_len` / `value_len` symbols, `k k : v v ,`) scattered among
-  distractors, then `num_queries` queries `? k k :` each followed by its value. Distractors are random symbols and
-  near-miss pairs, whose key differs from the asked key in one symbol. The noise
-  ratio is the share of the context (everything before `?`) that is distractors.
+  distractors, then `num_queries` queries `? k k :` each followed by its value.
+  Distractors are random symbols and near-miss pairs, whose key differs from an
+  asked key in one symbol. The noise ratio is the share of the context (everything
+  before the first `?`) that is distractors.
 * `lookup` (structured lookup): a header of column names, then `rows` rows
-  `| rowkey cell ... cell`, then `num_queries` queries `? rowkey column =` and the cell.
+  `| rowkey cell ... cell`, then `num_queries` queries `? rowkey column =`, each
+  followed by its cell.
 * `induction` (copy past the trained length): random symbols, then `num_queries`
   times `?` and a bigram that occurs exactly once in them; the answer is the two
   symbols that followed it. Evaluated at 1x, 2x and 4x the training length.
