@@ -1,6 +1,7 @@
 """Does RePo help? RoPE vs NoPE vs RePo on synthetic tasks, through the project's trainer.
 
-    python -m experiments.repo_toy [--quick] [--jobs N] [--out DIR] [--work DIR] [--report-only]
+    python -m experiments.repo_toy [--quick | --plan P] [--jobs N] [--seeds S ...]
+        [--matmul-precision highest] [--out DIR] [--work DIR] [--report-only]
 
 Trains tiny OLMo-2 models (`train.py`'s `repo_jax.train.run`, `data.source: synthetic`,
 loss on answer tokens only) on a mix of noisy associative recall, structured lookup
@@ -79,17 +80,21 @@ class Plan:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-# 18 runs, about 3,450 core-seconds measured (0.29 s per step on one core): about 30
-# minutes on 2 idle CPU cores (--jobs 2) and 4.5 minutes on 16 (--jobs 16).
-FULL = Plan(name="full", layers=4, hidden=128, heads=4, intermediate=256, seq_len=64,
-            batch_size=16, steps=800, lr=3e-3, warmup=30, seeds=(0, 1, 2), repo_start=1,
-            rope_theta=10000.0, eval_examples=128, eval_every=50, synthetic={"num_pairs": 3})
+# Design 2 (design 1, one query per example on 16 x 64 tokens for 800 steps, learned
+# nothing in any arm; see docs/experiments/design1/): several supervised queries per
+# example (Zoology's MQAR), 32 x 128 tokens per step, 1500 steps. 18 runs, about 7x
+# design 1's compute: hours on 2 CPU cores, meant for an accelerator (measured
+# figures and the state of its runs: docs/experiments/README.md).
+FULL = Plan(name="full", layers=4, hidden=128, heads=4, intermediate=256, seq_len=128,
+            batch_size=32, steps=1500, lr=3e-3, warmup=50, seeds=(0, 1, 2), repo_start=1,
+            rope_theta=10000.0, eval_examples=64, eval_every=150,
+            synthetic={"num_pairs": 6, "num_queries": 4})
 QUICK = Plan(name="quick", layers=2, hidden=32, heads=2, intermediate=64, seq_len=32,
              batch_size=4, steps=4, lr=3e-3, warmup=1, seeds=(0,), repo_start=1,
              rope_theta=10000.0, eval_examples=4, eval_every=2,
-             synthetic={"num_pairs": 2, "max_rows": 4})
-# The same models and tasks trained 4x longer: for an accelerator (`--plan long`).
-LONG = dataclasses.replace(FULL, name="long", steps=3200, eval_every=200)
+             synthetic={"num_pairs": 2, "num_queries": 2, "max_rows": 4})
+# The same models and tasks trained 4x longer (`--plan long`).
+LONG = dataclasses.replace(FULL, name="long", steps=6000, eval_every=600)
 PLANS = {"full": FULL, "quick": QUICK, "long": LONG}
 
 
@@ -197,7 +202,8 @@ def run_job(plan: Plan, arm: str, seed: int, work: Path) -> dict:
               "final": summary["last"], "eval": rows,
               "curve": [{k: c.get(k) for k in ("step", "loss", "eval_loss", "tokens_per_sec")}
                         for c in curve],
-              "config": cfg.to_dict(), "jax": jax.__version__, "platform": jax.devices()[0].platform}
+              "config": cfg.to_dict(), "jax": jax.__version__, "platform": jax.devices()[0].platform,
+              "matmul_precision": jax.config.jax_default_matmul_precision}
     if cfg.model.repo_layers:
         from repo_jax.data.synthetic import token_names
 
@@ -261,12 +267,12 @@ def launch(plan: Plan, arm: str, seed: int, work: Path, out: Path, base: Future 
     return record
 
 
-def run_all(plan: Plan, jobs: int, work: Path, out: Path) -> None:
+def run_all(plan: Plan, jobs: int, work: Path, out: Path, seeds: tuple[int, ...] | None = None) -> None:
     from tqdm import tqdm
 
     done = {k for k, v in read_runs(out, plan).items() if v.get("status") == "ok"}
     # Bases first so that no continuation waits behind work that has not started.
-    order = sorted(((a, s) for s in plan.seeds for a in ARMS),
+    order = sorted(((a, s) for s in (seeds or plan.seeds) for a in ARMS),
                    key=lambda x: (x[0] != "base", x[0].startswith("cont_"), x[1]))
     todo = [(a, s) for a, s in order if run_name(a, s) not in done]
     print(f"plan {plan.name} ({plan.tag}): {len(done)} run(s) already done, {len(todo)} to run, "
@@ -539,6 +545,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one XLA thread each)")
     parser.add_argument("--out", help="results (default: docs/experiments, or runs/repo_toy_quick/out)")
     parser.add_argument("--work", help="run directories and logs (default: runs/repo_toy[_quick])")
+    parser.add_argument("--matmul-precision", choices=("default", "high", "highest"),
+                        help="jax_default_matmul_precision of every run (highest: float32 "
+                             "matmuls on GPUs, no TF32)")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="run only these seeds of the plan (the others can run elsewhere; "
+                             "their JSONs merge in OUT/runs)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the report from OUT/runs/*.json without running anything")
     parser.add_argument("--job", choices=ARMS, help=argparse.SUPPRESS)
@@ -551,6 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         print(f"error: --jobs {args.jobs}: must be at least 1", file=sys.stderr)
         return 2
+    if args.seeds and not set(args.seeds) <= set(plan.seeds):
+        print(f"error: --seeds {' '.join(map(str, args.seeds))}: the plan {plan.name} has seeds "
+              f"{' '.join(map(str, plan.seeds))}; pick among them", file=sys.stderr)
+        return 2
+    if args.matmul_precision:  # read by JAX in every run's subprocess
+        os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = args.matmul_precision
     if args.job:
         record = run_job(plan, args.job, args.seed, work)
         write_json(out / "runs" / f"{record['run']}.json", record)
@@ -558,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.report_only:
-        run_all(plan, args.jobs, work, out)
+        run_all(plan, args.jobs, work, out, tuple(args.seeds or ()))
     report(plan, out, argv, None if args.report_only else time.perf_counter() - t0)
     failed = [k for k, v in read_runs(out, plan).items() if v["status"] != "ok"]
     if failed:

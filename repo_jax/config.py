@@ -247,6 +247,7 @@ class SyntheticConfig:
     min_rows: int = 2                     # lookup: table rows drawn in [min_rows, max_rows]
     max_rows: int = 16
     min_length: float = 0.25              # induction: length drawn in [min_length, 1] x seq_len
+    num_queries: int = 1                  # every task: questions per example, each supervised
 
     def validate(self) -> None:
         if self.task not in SYNTHETIC_TASKS:
@@ -257,7 +258,7 @@ class SyntheticConfig:
         if not 0.0 < self.min_length <= 1.0:
             raise ConfigError(f"data.synthetic.min_length={self.min_length} must be in (0, 1]")
         for name in ("vocab_size", "num_examples", "num_eval_examples", "key_len", "value_len",
-                     "num_pairs", "num_columns", "min_rows"):
+                     "num_pairs", "num_columns", "min_rows", "num_queries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.synthetic.{name}={getattr(self, name)} must be at least 1")
         if self.eval_seed == self.seed:

@@ -80,6 +80,8 @@ def test_quick_run_writes_every_output_and_resumes(tmp_path):
 def test_bad_arguments_are_one_error_line(tmp_path):
     proc = _run("-m", "experiments.repo_toy", "--quick", "--jobs", "0", "--out", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --jobs 0")
+    proc = _run("-m", "experiments.repo_toy", "--quick", "--seeds", "0", "7", "--out", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --seeds 0 7")
     proc = _run("-m", "repo_jax.eval", "--task", "synthetic", "--checkpoint", str(tmp_path),
                 "--synthetic-tasks", "copy")
     assert proc.returncode == 2 and "error: --synthetic-tasks 'copy'" in proc.stderr

@@ -7,78 +7,122 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from flax import nnx
 
 from repo_jax.config import ConfigError, SyntheticConfig, TrainConfig
 from repo_jax.data import synthetic as syn
 from repo_jax.train.loss import lm_loss
 
 CFG = SyntheticConfig()
+MULTI = SyntheticConfig(num_queries=4, num_pairs=6)
 
 
-def test_examples_are_a_function_of_seed_and_index():
-    a = syn.SyntheticTasks(CFG, 128, 0, 100, "train").read_masked(np.arange(20))
-    b = syn.SyntheticTasks(CFG, 128, 0, 100, "train").read_masked(np.arange(20))
-    other = syn.SyntheticTasks(CFG, 128, 1, 100, "eval").read_masked(np.arange(20))
+def _queries(ex: syn.Example, question_len: int):
+    """(question tokens, answer tokens) of every query of `ex`."""
+    return [(ex.tokens[a - question_len:a], ex.tokens[a:b]) for a, b in ex.spans]
+
+
+@pytest.mark.parametrize("cfg", [CFG, MULTI])
+def test_examples_are_a_function_of_seed_and_index(cfg):
+    a = syn.SyntheticTasks(cfg, 128, 0, 100, "train").read_masked(np.arange(20))
+    b = syn.SyntheticTasks(cfg, 128, 0, 100, "train").read_masked(np.arange(20))
+    other = syn.SyntheticTasks(cfg, 128, 1, 100, "eval").read_masked(np.arange(20))
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     assert not np.array_equal(a[0], other[0])
     assert a[0].dtype == np.int32 and a[1].dtype == np.float32
-    assert a[0].max() < CFG.vocab_size
-    # The mask covers exactly the answer, which is followed only by padding.
+    assert a[0].max() < cfg.vocab_size
+    # The mask covers exactly the answers, the last one followed only by padding.
     for i in range(20):
-        ex = syn.training_example(CFG, 128, 0, i)
+        ex = syn.training_example(cfg, 128, 0, i)
+        assert 1 <= len(ex.spans) <= cfg.num_queries
         where = np.flatnonzero(a[1][i])
-        assert list(where) == list(range(len(ex.prompt), len(ex.tokens)))
-        np.testing.assert_array_equal(a[0][i, where], ex.answer)
+        assert list(where) == [t for s, e in ex.spans for t in range(s, e)]
+        np.testing.assert_array_equal(a[0][i, where], np.concatenate(ex.answers))
+        assert ex.spans[-1][1] == len(ex.tokens)
         assert (a[0][i, len(ex.tokens):] == syn.PAD).all()
 
 
-def test_recall_noise_ratio_near_misses_and_answer():
-    cfg = SyntheticConfig(near_miss=0.5)
+@pytest.mark.parametrize("cfg", [SyntheticConfig(near_miss=0.5),
+                                 SyntheticConfig(near_miss=0.5, num_pairs=6, num_queries=4)])
+def test_recall_noise_ratio_near_misses_and_answers(cfg):
     rng = np.random.default_rng(3)
+    k, v = cfg.key_len, cfg.value_len
     for noise in (0.0, 0.4, 0.8):
         ex = syn.recall(rng, cfg, noise)
-        t = ex.prompt
-        assert len(ex.tokens) == syn.recall_length(cfg, noise)
-        q = int(np.flatnonzero(t == syn.QUERY)[-1])
-        asked = t[q + 1:q + 1 + cfg.key_len]
-        context = t[1:q]
+        t = ex.tokens
+        assert len(t) == syn.recall_length(cfg, noise)
+        queries = _queries(ex, k + 2)
+        assert len(queries) == min(cfg.num_queries, cfg.num_pairs)
+        context = t[1:ex.spans[0][0] - k - 2]
         seps = np.flatnonzero(context == syn.KV)
-        keys = [tuple(context[s - cfg.key_len:s]) for s in seps]
-        vals = [tuple(context[s + 1:s + 1 + cfg.value_len]) for s in seps]
-        exact = [i for i, k in enumerate(keys) if k == tuple(asked)]
-        assert len(exact) == 1 and vals[exact[0]] == tuple(ex.answer)
-        near = [k for k in keys if sum(a != b for a, b in zip(k, asked)) == 1]
-        real_tokens = cfg.num_pairs * (cfg.key_len + cfg.value_len + 2)
+        keys = [tuple(context[s - k:s]) for s in seps]
+        vals = [tuple(context[s + 1:s + 1 + v]) for s in seps]
+        asked_keys = set()
+        for question, answer in queries:
+            assert question[0] == syn.QUERY and question[-1] == syn.KV
+            asked = tuple(question[1:1 + k])
+            exact = [i for i, key in enumerate(keys) if key == asked]
+            assert len(exact) == 1 and vals[exact[0]] == tuple(answer)
+            asked_keys.add(asked)
+        assert len(asked_keys) == len(queries)  # every query asks another key
+        near = [key for key in keys if any(sum(a != b for a, b in zip(key, q)) == 1 for q in asked_keys)]
+        real_tokens = cfg.num_pairs * (k + v + 2)
         assert (len(context) - real_tokens) / len(context) == pytest.approx(noise, abs=0.02)
         if noise > 0.5:
             assert len(near) >= 1  # near-miss keys are among the distractors
 
 
-def test_lookup_answer_is_the_cell_of_the_asked_row_and_column():
+@pytest.mark.parametrize("cfg", [CFG, MULTI])
+def test_lookup_answers_are_the_cells_of_the_asked_rows_and_columns(cfg):
     rng = np.random.default_rng(5)
+    cols = cfg.num_columns
     for rows in (2, 5):
-        ex = syn.lookup(rng, CFG, rows)
-        t = ex.prompt
-        cols = CFG.num_columns
+        ex = syn.lookup(rng, cfg, rows)
+        t = ex.tokens
         header = list(t[2:2 + cols])
-        table = t[2 + cols:-4].reshape(rows, 2 + cols)
+        table = t[2 + cols:ex.spans[0][0] - 4].reshape(rows, 2 + cols)
         assert (table[:, 0] == syn.ROW).all()
-        row_key, col_name = t[-3], t[-2]
-        row = table[list(table[:, 1]).index(row_key)]
-        assert ex.answer[0] == row[2 + header.index(col_name)]
-        assert len(ex.tokens) == syn.lookup_length(CFG, rows)
+        queries = _queries(ex, 4)
+        assert len(queries) == min(cfg.num_queries, rows * cols)
+        assert len({tuple(q[1:3]) for q, _ in queries}) == len(queries)
+        for question, answer in queries:
+            assert question[0] == syn.QUERY and question[3] == syn.EQUALS
+            row = table[list(table[:, 1]).index(question[1])]
+            assert answer[0] == row[2 + header.index(question[2])]
+        assert len(t) == syn.lookup_length(cfg, rows)
 
 
-def test_induction_bigram_occurs_once_and_answer_follows_it():
+@pytest.mark.parametrize("cfg", [CFG, MULTI])
+def test_induction_bigrams_occur_once_and_answers_follow_them(cfg):
     rng = np.random.default_rng(7)
     for length in (32, 512):
-        ex = syn.induction(rng, CFG, length)
+        ex = syn.induction(rng, cfg, length)
         assert len(ex.tokens) == length
-        ctx, (a, b) = ex.prompt[1:-3], ex.prompt[-2:]
-        hits = np.flatnonzero((ctx[:-1] == a) & (ctx[1:] == b))
-        assert len(hits) == 1
-        np.testing.assert_array_equal(ctx[hits[0] + 2:hits[0] + 4], ex.answer)
+        ctx = ex.tokens[1:ex.spans[0][0] - 3]
+        queries = _queries(ex, 3)
+        assert len(queries) == cfg.num_queries
+        assert len({tuple(q) for q, _ in queries}) == len(queries)
+        for question, answer in queries:
+            a, b = question[1:]
+            hits = np.flatnonzero((ctx[:-1] == a) & (ctx[1:] == b))
+            assert question[0] == syn.QUERY and len(hits) == 1
+            np.testing.assert_array_equal(ctx[hits[0] + 2:hits[0] + 4], answer)
+
+
+def test_score_is_exact_match_per_query():
+    """A model right on one query of two scores 50%, not 0% (per example) or 75% (per token)."""
+    from repo_jax.eval.synthetic import score
+
+    ex = syn.Example(np.asarray([1, 8, 9, 4, 10, 11, 4, 12, 13], np.int32), ((4, 6), (7, 9)))
+
+    class Oracle(nnx.Module):  # predicts token t+1 at t, except the last answer token
+        def __call__(self, tokens):
+            nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], 1).at[:, 7].set(0)
+            return jax.nn.one_hot(nxt, 16) * 10.0
+
+    result = score(Oracle(), [ex, ex], batch_size=2)
+    assert result["queries"] == 4 and result["accuracy"] == 0.5
 
 
 def test_config_keys_and_errors():
@@ -90,6 +134,8 @@ def test_config_keys_and_errors():
         TrainConfig.load(None, ["data.synthetic.task=copy"])
     with pytest.raises(ConfigError, match="eval_seed=0 equals seed"):
         TrainConfig.load(None, ["data.synthetic.eval_seed=0"])
+    with pytest.raises(ConfigError, match="num_queries=0 must be at least 1"):
+        TrainConfig.load(None, ["data.synthetic.num_queries=0"])
     with pytest.raises(ConfigError, match="unknown config key"):
         TrainConfig.load(None, ["data.synthetic.noise=0.5"])
 

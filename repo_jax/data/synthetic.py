@@ -1,20 +1,23 @@
 """Synthetic tasks for controlled experiments (`data.source: synthetic`).
 
 Every example is a pure function of (seed, index), generated when it is read: a
-prompt, then the answer tokens, then padding to the row width. The loss mask is 1
-on the answer tokens only. Three tasks, over a small task vocabulary whose first
-`FIRST_SYMBOL` ids are markers and the rest content symbols:
+context, then `num_queries` questions each followed by its answer tokens (several
+supervised answers per sequence, as in Zoology's MQAR), then padding to the row
+width. The loss mask is 1 on the answer tokens only. Three tasks, over a small task
+vocabulary whose first `FIRST_SYMBOL` ids are markers and the rest content symbols:
 
 * `recall` (noisy associative recall, after RULER's NIAH): `num_pairs` key-value
   pairs (`key_len` / `value_len` symbols, `k k : v v ,`) scattered among
-  distractors, then `? k k :` and the value. Distractors are random symbols and
-  near-miss pairs, whose key differs from the asked key in one symbol. The noise
-  ratio is the share of the context (everything before `?`) that is distractors.
+  distractors, then `num_queries` queries `? k k :` each followed by its value.
+  Distractors are random symbols and near-miss pairs, whose key differs from an
+  asked key in one symbol. The noise ratio is the share of the context (everything
+  before the first `?`) that is distractors.
 * `lookup` (structured lookup): a header of column names, then `rows` rows
-  `| rowkey cell ... cell`, then `? rowkey column =` and the cell.
-* `induction` (copy past the trained length): random symbols, then `?` and a
-  bigram that occurs exactly once in them; the answer is the two symbols that
-  followed it. Evaluated at 1x, 2x and 4x the training length.
+  `| rowkey cell ... cell`, then `num_queries` queries `? rowkey column =`, each
+  followed by its cell.
+* `induction` (copy past the trained length): random symbols, then `num_queries`
+  times `?` and a bigram that occurs exactly once in them; the answer is the two
+  symbols that followed it. Evaluated at 1x, 2x and 4x the training length.
 """
 from __future__ import annotations
 
@@ -33,12 +36,24 @@ TASKS = ("recall", "lookup", "induction")
 
 @dataclass(frozen=True)
 class Example:
-    prompt: np.ndarray      # int32, ends just before the answer
-    answer: np.ndarray      # int32, the tokens the model must produce
+    tokens: np.ndarray                      # int32: context, then each query and its answer
+    spans: tuple[tuple[int, int], ...]      # [start, end) of every answer in `tokens`
 
     @property
-    def tokens(self) -> np.ndarray:
-        return np.concatenate([self.prompt, self.answer])
+    def answers(self) -> list[np.ndarray]:
+        return [self.tokens[a:b] for a, b in self.spans]
+
+
+def _example(context, queries) -> Example:
+    """`context`, then every (question, answer) of `queries` in turn (as in Zoology's
+    multi-query associative recall: several supervised answers per sequence)."""
+    parts, spans, at = [np.asarray(context, np.int32)], [], len(context)
+    for question, answer in queries:
+        parts += [np.asarray(question, np.int32), np.asarray(answer, np.int32)]
+        at += len(question)
+        spans.append((at, at + len(answer)))
+        at += len(answer)
+    return Example(np.concatenate(parts).astype(np.int32), tuple(spans))
 
 
 def token_names(tokens) -> list[str]:
@@ -63,18 +78,20 @@ def _distinct(rng: np.random.Generator, cfg: SyntheticConfig, count: int, length
 
 
 def recall(rng: np.random.Generator, cfg: SyntheticConfig, noise: float) -> Example:
-    """Noisy associative recall at noise ratio `noise` (share of distractor tokens)."""
+    """Noisy associative recall at noise ratio `noise` (share of distractor tokens in the
+    context), then `num_queries` distinct keys asked in turn."""
     k, v, pairs = cfg.key_len, cfg.value_len, cfg.num_pairs
     pair_len = k + v + 2
     keys = _distinct(rng, cfg, pairs + 1, k)[:pairs]
     values = _symbols(rng, cfg, pairs * v).reshape(pairs, v)
-    asked = int(rng.integers(pairs))
+    queried = rng.permutation(pairs)[:min(cfg.num_queries, pairs)]
     n_noise = int(round(pairs * pair_len * noise / (1.0 - noise)))
     n_near = int(n_noise * cfg.near_miss) // pair_len
     blocks = [np.concatenate([keys[i], [KV], values[i], [END]]) for i in range(pairs)]
     real = {tuple(r) for r in keys}
     for _ in range(n_near):
-        while True:  # the asked key with one symbol changed, and not another real key
+        asked = int(rng.choice(queried))
+        while True:  # an asked key with one symbol changed, and not another real key
             near = keys[asked].copy()
             near[rng.integers(k)] = _symbols(rng, cfg, 1)[0]
             if tuple(near) not in real:
@@ -88,47 +105,61 @@ def recall(rng: np.random.Generator, cfg: SyntheticConfig, noise: float) -> Exam
     parts = [np.asarray([BOS])]
     for gap, block in zip(gaps, blocks):
         parts += [_symbols(rng, cfg, int(gap)), block]
-    parts += [_symbols(rng, cfg, int(gaps[-1])), [QUERY], keys[asked], [KV]]
-    return Example(np.concatenate(parts).astype(np.int32), values[asked].astype(np.int32))
+    parts.append(_symbols(rng, cfg, int(gaps[-1])))
+    return _example(np.concatenate(parts), [(np.concatenate([[QUERY], keys[i], [KV]]), values[i])
+                                            for i in queried])
 
 
 def recall_length(cfg: SyntheticConfig, noise: float) -> int:
     pair_len = cfg.key_len + cfg.value_len + 2
     n_noise = int(round(cfg.num_pairs * pair_len * noise / (1.0 - noise)))
-    return 1 + cfg.num_pairs * pair_len + n_noise + 2 + cfg.key_len + cfg.value_len
+    queries = min(cfg.num_queries, cfg.num_pairs)
+    return 1 + cfg.num_pairs * pair_len + n_noise + queries * (2 + cfg.key_len + cfg.value_len)
 
 
 def lookup(rng: np.random.Generator, cfg: SyntheticConfig, rows: int) -> Example:
-    """A `rows` x num_columns table (header of column names in a random order), one query."""
+    """A `rows` x num_columns table (header of column names in a random order), then
+    `num_queries` distinct (row, column) cells asked in turn."""
     cols = cfg.num_columns
     names = _distinct(rng, cfg, cols, 1)[:, 0]
     row_keys = _distinct(rng, cfg, rows, 1)[:, 0]
     cells = _symbols(rng, cfg, rows * cols).reshape(rows, cols)
-    r, c = int(rng.integers(rows)), int(rng.integers(cols))
     parts = [[BOS, HEADER], names]
     for i in range(rows):
         parts += [[ROW, row_keys[i]], cells[i]]
-    parts += [[QUERY, row_keys[r], names[c], EQUALS]]
-    return Example(np.concatenate(parts).astype(np.int32), np.asarray([cells[r, c]], np.int32))
+    asked = rng.permutation(rows * cols)[:min(cfg.num_queries, rows * cols)]
+    return _example(np.concatenate(parts), [([QUERY, row_keys[i // cols], names[i % cols], EQUALS],
+                                             [cells[i // cols, i % cols]]) for i in asked])
 
 
 def lookup_length(cfg: SyntheticConfig, rows: int) -> int:
-    return 2 + cfg.num_columns + rows * (2 + cfg.num_columns) + 4 + 1
+    queries = min(cfg.num_queries, rows * cfg.num_columns)
+    return 2 + cfg.num_columns + rows * (2 + cfg.num_columns) + queries * 5
 
 
 def induction(rng: np.random.Generator, cfg: SyntheticConfig, length: int) -> Example:
-    """`length` tokens in all: random symbols, `?`, a bigram seen once in them, its 2 successors."""
-    n = length - 6  # BOS, context, ?, bigram, 2 answer tokens
-    if n < 4:
-        raise DataError(f"induction needs at least 10 tokens, got length={length}")
+    """`length` tokens in all: random symbols, then `num_queries` times `?`, a bigram
+    seen exactly once in them (a different one each time) and its 2 successors."""
+    q = cfg.num_queries
+    n = length - 1 - 5 * q  # BOS, context, then per query: ?, bigram, 2 answer tokens
+    if n < 3 + q:
+        raise DataError(f"induction with {q} queries needs at least {4 + 6 * q} tokens, "
+                        f"got length={length}")
     while True:
         ctx = _symbols(rng, cfg, n)
-        p = int(rng.integers(n - 3))
-        a, b = ctx[p], ctx[p + 1]
-        if int(np.sum((ctx[:-1] == a) & (ctx[1:] == b))) == 1:
+        pairs = ctx[:-1].astype(np.int64) * cfg.vocab_size + ctx[1:]
+        counts = np.unique(pairs, return_counts=True)
+        once = set(counts[0][counts[1] == 1].tolist())
+        starts = [p for p in range(n - 3) if int(pairs[p]) in once]
+        if len(starts) >= q:
             break
-    prompt = np.concatenate([[BOS], ctx, [QUERY, a, b]]).astype(np.int32)
-    return Example(prompt, ctx[p + 2:p + 4].astype(np.int32))
+    chosen = rng.permutation(starts)[:q]
+    return _example(np.concatenate([[BOS], ctx]),
+                    [([QUERY, ctx[p], ctx[p + 1]], ctx[p + 2:p + 4]) for p in chosen])
+
+
+def induction_min_length(cfg: SyntheticConfig) -> int:
+    return 4 + 6 * cfg.num_queries
 
 
 def training_example(cfg: SyntheticConfig, seq_len: int, seed: int, index: int) -> Example:
@@ -143,7 +174,8 @@ def training_example(cfg: SyntheticConfig, seq_len: int, seed: int, index: int) 
     if task == "lookup":
         fits = [r for r in range(cfg.min_rows, cfg.max_rows + 1) if lookup_length(cfg, r) <= seq_len]
         return lookup(rng, cfg, int(rng.choice(fits)))
-    return induction(rng, cfg, int(rng.integers(max(10, int(cfg.min_length * seq_len)), seq_len + 1)))
+    low = max(induction_min_length(cfg), int(cfg.min_length * seq_len))
+    return induction(rng, cfg, int(rng.integers(low, seq_len + 1)))
 
 
 def pack(examples: list[Example], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +189,8 @@ def pack(examples: list[Example], width: int) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"a synthetic example of {len(t)} tokens does not fit in {width}; "
                             "raise data.seq_len or lower the task's sizes")
         tokens[row, :len(t)] = t
-        mask[row, len(ex.prompt):len(t)] = 1.0
+        for a, b in ex.spans:
+            mask[row, a:b] = 1.0
     return tokens, mask
 
 

@@ -29,33 +29,35 @@ LENGTH_MULTIPLES = (1, 2, 4)
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _score(graphdef, state, tokens, mask):
-    """Per row: (all answer tokens argmax-right, summed answer NLL, answer tokens)."""
+    """Per token t >= 1: (argmax at t-1 is wrong on an answer token, NLL of answer token t)."""
     logits = nnx.merge(graphdef, state)(tokens)[:, :-1]
     targets, weight = tokens[:, 1:], mask[:, 1:]
     picked = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
     nll = (jax.nn.logsumexp(logits, -1) - picked) * weight
     wrong = (jnp.argmax(logits, -1) != targets) & (weight > 0)
-    return ~jnp.any(wrong, -1), jnp.sum(nll, -1), jnp.sum(weight, -1)
+    return wrong, nll
 
 
 def score(model, examples: Sequence[syn.Example], batch_size: int = 32) -> dict:
-    """Accuracy and mean answer-token loss of `model` on `examples` (one row width,
-    the longest example rounded up to 16, so one shape compiles per setting)."""
+    """Exact-match accuracy per query (every answer token of the query argmax-right)
+    and mean answer-token loss of `model` on `examples` (one row width, the longest
+    example rounded up to 16, so one shape compiles per setting)."""
     width = -(-max(len(ex.tokens) for ex in examples) // 16) * 16
     graphdef, state = nnx.split(model)
-    right, nll, count = [], [], []
+    right, nll, count = [], 0.0, 0
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         real = len(chunk)
         chunk += [chunk[0]] * (batch_size - real)  # constant batch shape
         tokens, mask = syn.pack(chunk, width)
-        r, n, c = (np.asarray(a)[:real] for a in _score(graphdef, state, tokens, mask))
-        right.append(r)
-        nll.append(n)
-        count.append(c)
-    right, nll, count = np.concatenate(right), np.concatenate(nll), np.concatenate(count)
-    return {"accuracy": float(right.mean()), "answer_loss": float(nll.sum() / count.sum()),
-            "examples": len(examples), "length": width}
+        wrong, token_nll = (np.asarray(a)[:real] for a in _score(graphdef, state, tokens, mask))
+        for row, ex in enumerate(chunk[:real]):
+            # Targets are shifted by one: answer token t is predicted at row index t - 1.
+            right += [not wrong[row, a - 1:b - 1].any() for a, b in ex.spans]
+        nll += float(token_nll.sum())
+        count += int(mask[:real, 1:].sum())
+    return {"accuracy": float(np.mean(right)), "answer_loss": nll / count,
+            "examples": len(examples), "queries": len(right), "length": width}
 
 
 def _examples(make, seed: int, setting: int, count: int) -> list[syn.Example]:
