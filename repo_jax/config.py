@@ -334,6 +334,9 @@ class TrainConfig:
     batch_size: int = 8                   # sequences per optimizer step, over all devices
     grad_accum: int = 1                   # micro-batches per step (batch_size / grad_accum each)
     z_loss: float = 1e-5
+    # Vocabulary tiling: the loss's float32 logits exist for this many positions of each
+    # sequence at a time (0: all at once); see repo_jax/train/vocab_tiling.py.
+    loss_chunk: int = 512
     log_every: int = 10
     eval_every: int = 100                 # 0: only at the end
     eval_batches: int = 4
@@ -353,8 +356,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.eval_every < 0 or self.z_loss < 0:
-            raise ConfigError("eval_every and z_loss must be >= 0")
+        if self.eval_every < 0 or self.z_loss < 0 or self.loss_chunk < 0:
+            raise ConfigError("eval_every, z_loss and loss_chunk must be >= 0")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"grad_accum={self.grad_accum} does not divide batch_size="
                               f"{self.batch_size}; pick a divisor")

@@ -14,23 +14,25 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from repo_jax import sharding as shd
-from repo_jax.train.loss import lm_loss
 from repo_jax.train.state import ModelSpec, TrainState
+from repo_jax.train.vocab_tiling import tiled_lm_loss
 
 
-def _forward_loss(spec: ModelSpec, mesh: Mesh, params, tokens):
-    logits = spec.merge(params)(tokens)
-    logits = jax.lax.with_sharding_constraint(
-        logits, shd.named(mesh, ("batch", "seq", "vocab"), logits.shape))
-    return lm_loss(logits, tokens)
+def _forward_loss(spec: ModelSpec, mesh: Mesh, params, tokens, loss_chunk: int):
+    # The model's activation pins (`shd.constrain`) resolve against this mesh.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        model = spec.merge(params)
+        hidden, _, _ = model.hidden(tokens)
+        return tiled_lm_loss(model.project, hidden, tokens, loss_chunk)
 
 
 def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, sched: optax.Schedule,
-                    z_loss: float, mesh: Mesh, state_shardings: Any) -> Callable:
-    """(state, tokens int32 [accum, micro, T]) -> (state, metrics), state donated."""
+                    z_loss: float, mesh: Mesh, state_shardings: Any, loss_chunk: int = 0) -> Callable:
+    """(state, tokens int32 [accum, micro, T]) -> (state, metrics), state donated.
+    `loss_chunk` > 0: the loss's logits exist that many positions at a time."""
 
     def loss_fn(params, tokens):
-        ce, z = _forward_loss(spec, mesh, params, tokens)
+        ce, z = _forward_loss(spec, mesh, params, tokens, loss_chunk)
         return ce + z_loss * z, (ce, z)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -64,11 +66,12 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, sched: op
                    out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(spec: ModelSpec, mesh: Mesh, param_shardings: dict[str, NamedSharding]) -> Callable:
+def make_eval_step(spec: ModelSpec, mesh: Mesh, param_shardings: dict[str, NamedSharding],
+                   loss_chunk: int = 0) -> Callable:
     """(params, tokens [1, micro, T]) -> mean cross-entropy."""
 
     def evaluate(params, batch):
-        ce, _ = _forward_loss(spec, mesh, params, batch[0])
+        ce, _ = _forward_loss(spec, mesh, params, batch[0], loss_chunk)
         return ce
 
     return jax.jit(evaluate, in_shardings=(param_shardings, shd.batch_sharding(mesh)),
