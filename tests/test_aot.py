@@ -9,7 +9,7 @@ import json
 import pytest
 
 import train as train_cli
-from repo_jax.config import ConfigError, TrainConfig
+from repo_jax.config import ConfigError
 from repo_jax.train import aot
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -58,7 +58,9 @@ def test_compile_only_without_libtpu_or_topology_is_a_clear_error(capsys, monkey
         assert "requirements-tpu.txt" in capsys.readouterr().err
 
 
-TINY = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+# Dimensions that stay multiples of 128 after a split by 2: TPU pads smaller arrays to
+# its (8, 128) tiles, which would blur the 1/4 below.
+TINY = {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64,
         "original_max_position_embeddings": 64, "repo_start_layer": 1}
 
@@ -81,9 +83,7 @@ def test_tiny_model_compiles_for_a_tpu_slice(tmp_path, capsys):
     assert memory["fits"] and 0 < memory["total"] < memory["hbm"]
     assert report["train"]["collectives"].get("all-gather", 0) > 0
     # Parameters + Adam moments (float32, 3 copies) split over fsdp x tensor = 4.
-    cfg = TrainConfig.load(None, args[args.index("--out") + 2:])
-    assert cfg.model.hidden_size == 64
     whole = 3 * 4 * report["params"]
-    assert whole / 4 <= memory["arguments"] < whole / 2.5
+    assert whole / 4 <= memory["arguments"] < whole / 3
     est = report["estimate"]
     assert 0 < est["mfu"] < 1 and est["hardware_flops_per_chip"] >= est["xla_flops_counted_with_loops"]

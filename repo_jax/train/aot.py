@@ -195,7 +195,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1, *
     from repo_jax import sharding as shd
     from repo_jax.train.build import batch_shapes, build
 
-    chip, topo_name, chips_per_slice = parse_topology(topology)
+    chip, topo_name, _ = parse_topology(topology)
     devices = topology_devices(topo_name, num_slices)
     mesh = shd.make_mesh(cfg.mesh, devices)
     built = build(cfg, mesh)
@@ -220,6 +220,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1, *
                        "collectives": count_collectives(compiled.as_text())}
     counted = _cost(compiled)
     del compiled
+    log(format_report(report))  # the verdict now: the optional compiles below take as long again
     if eval_step:
         compiled, seconds = _compile(built.eval_step, state.params, eval_batch)
         report["eval"] = {"compile_seconds": seconds,
