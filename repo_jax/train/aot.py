@@ -14,6 +14,7 @@ explicit chip grids (`v5p:4x4x4`, `v5e:4x4`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -189,12 +190,13 @@ class OutOfMemory(ConfigError):
 
 
 def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1, *,
-                         eval_step: bool = True, estimate: bool = True, log=print) -> dict[str, Any]:
+                         eval_step: bool = True, estimate: bool = True, log=None) -> dict[str, Any]:
     import jax
 
     from repo_jax import sharding as shd
     from repo_jax.train.build import batch_shapes, build
 
+    log = log or functools.partial(print, flush=True)  # flushed: compiles take minutes
     chip, topo_name, _ = parse_topology(topology)
     devices = topology_devices(topo_name, num_slices)
     mesh = shd.make_mesh(cfg.mesh, devices)
