@@ -237,7 +237,7 @@ class Olmo2Model(nnx.Module):
     def hidden(self, input_ids: jnp.ndarray, *, position_ids=None, segment_ids=None,
                attention_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0):
         """`forward` up to the final norm: (hidden [B, T or logits_to_keep, d], RePo
-        positions, new cache). Training projects it in chunks (repo_jax.train.loss)."""
+        positions, new cache). Training projects it in chunks (train/vocab_tiling.py)."""
         cfg = self.config
         chex.assert_rank(input_ids, 2)
         b, t = input_ids.shape
