@@ -222,7 +222,8 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1, *
                        "collectives": count_collectives(compiled.as_text())}
     counted = _cost(compiled)
     del compiled
-    log(format_report(report))  # the verdict now: the optional compiles below take as long again
+    if eval_step or estimate:
+        log(format_report(report))  # the verdict now: the compiles below take as long again
     if eval_step:
         compiled, seconds = _compile(built.eval_step, state.params, eval_batch)
         report["eval"] = {"compile_seconds": seconds,
