@@ -87,3 +87,11 @@ def test_tiny_model_compiles_for_a_tpu_slice(tmp_path, capsys):
     assert whole / 4 <= memory["arguments"] < whole / 3
     est = report["estimate"]
     assert 0 < est["mfu"] < 1 and est["hardware_flops_per_chip"] >= est["xla_flops_counted_with_loops"]
+
+
+def test_out_of_memory_message_keeps_xla_totals():
+    # libtpu 0.0.42's message for the 1B preset with model.remat=none on v5p:4x4x4.
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (313.91G) exceeds available HBM (95.74G).\n\nStack trace:\n  frame 0\n  frame 1")
+    summary = aot.oom_summary(msg)
+    assert "313.91G" in summary and "95.74G" in summary and "frame" not in summary

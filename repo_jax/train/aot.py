@@ -171,6 +171,13 @@ def _estimate(cfg: TrainConfig, chip: Chip, chips: int, seqs_per_shard: int,
             "peak_flops": chip.peak_flops, "hbm_bandwidth": chip.hbm_bandwidth}
 
 
+def _shard_bytes(tree) -> int:
+    """Bytes one chip holds of sharded ShapeDtypeStructs (the first device's shards)."""
+    import jax
+
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
 def _compile(fn, *args):
     """(compiled, seconds); XLA:TPU's out-of-memory error becomes a ConfigError."""
     import jax
@@ -215,7 +222,14 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1, *
     try:
         compiled, seconds = _compile(built.train_step, state, train_batch)
     except OutOfMemory as e:
-        report["train"] = {"memory": {"fits": False, "hbm": chip.hbm_bytes}, "out_of_memory": str(e)}
+        # libtpu 0.0.42 reports only the temporaries' total; name what we know exactly.
+        parallel = shd.batch_parallelism(mesh)
+        consumers = {"parameters + optimizer state per chip (exact, from the shardings)": _shard_bytes(state),
+                     "activations": f"{cfg.micro_batch_size // parallel} sequences x {cfg.data.seq_len} "
+                                    f"tokens per chip per micro-batch, model.remat={cfg.model.remat}, "
+                                    f"loss_chunk={cfg.loss_chunk}, attention_impl={cfg.model.attention_impl}"}
+        report["train"] = {"memory": {"fits": False, "hbm": chip.hbm_bytes}, "out_of_memory": str(e),
+                           "consumers": consumers}
         return report
     report["train"] = {"compile_seconds": seconds,
                        "memory": memory_report(compiled.memory_analysis(), chip.hbm_bytes),
@@ -250,8 +264,10 @@ def format_report(r: dict[str, Any]) -> str:
 
     m = r["train"]["memory"]
     if "out_of_memory" in r["train"]:
+        known = "".join(f"\n  {k}: {gib(v) if isinstance(v, int) else v}"
+                        for k, v in r["train"]["consumers"].items())
         return (f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}: the train "
-                f"step DOES NOT FIT in {gib(m['hbm'])} of HBM per chip\n{r['train']['out_of_memory']}")
+                f"step DOES NOT FIT in {gib(m['hbm'])} of HBM per chip\n{r['train']['out_of_memory']}{known}")
     verdict = (f"fits, {m['headroom']:.1%} of HBM left" if m["fits"]
                else f"DOES NOT FIT: {gib(m['total'] - m['hbm'])} over")
     lines = [f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}: {verdict}",
@@ -294,6 +310,6 @@ def main(cfg: TrainConfig, topology: str, num_slices: int = 1, out: str = "",
     print(f"report: {path}")
     fits = report["train"]["memory"]["fits"] and report.get("eval", {"memory": {"fits": True}})["memory"]["fits"]
     if not fits:
-        print(f"error: this config does not fit on {topology} (largest consumers above): raise "
+        print(f"error: this config does not fit on {topology} (what takes the memory: above): raise "
               "grad_accum, lower loss_chunk, set model.remat=full, or use more chips", file=sys.stderr)
     return 0 if fits else 1
