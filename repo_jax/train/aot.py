@@ -171,6 +171,24 @@ def _estimate(cfg: TrainConfig, chip: Chip, chips: int, seqs_per_shard: int,
             "peak_flops": chip.peak_flops, "hbm_bandwidth": chip.hbm_bandwidth}
 
 
+def _multislice_mesh(cfg: TrainConfig, devices, num_slices: int):
+    """Slices joined over the data-center network along `data` (the axis with the least
+    traffic: one gradient all-reduce per step), each slice's ICI mesh inside."""
+    import numpy as np
+    from jax.experimental import mesh_utils
+    from jax.sharding import AxisType, Mesh
+
+    from repo_jax import sharding as shd
+
+    data, fsdp, tensor = shd.mesh_shape(cfg.mesh, len(devices))
+    if data % num_slices:
+        raise ConfigError(f"--num-slices={num_slices}: slices are joined along mesh.data, which is "
+                          f"{data}; make mesh.data a multiple of {num_slices}")
+    grid = mesh_utils.create_hybrid_device_mesh((data // num_slices, fsdp, tensor), (num_slices, 1, 1),
+                                                devices)
+    return Mesh(np.asarray(grid), shd.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
 def _shard_bytes(tree) -> int:
     """Bytes one chip holds of sharded ShapeDtypeStructs (the first device's shards)."""
     import jax
@@ -206,7 +224,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str, num_slices: int = 1, *
     log = log or functools.partial(print, flush=True)  # flushed: compiles take minutes
     chip, topo_name, _ = parse_topology(topology)
     devices = topology_devices(topo_name, num_slices)
-    mesh = shd.make_mesh(cfg.mesh, devices)
+    mesh = shd.make_mesh(cfg.mesh, devices) if num_slices == 1 else _multislice_mesh(cfg, devices, num_slices)
     built = build(cfg, mesh)
     state = built.abstract_state()
     train_batch, eval_batch = batch_shapes(cfg, mesh)
