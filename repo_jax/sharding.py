@@ -1,9 +1,10 @@
 """Device mesh and the ONE logical-axis rules table.
 
 Parameters carry logical axis names (`logical_axes` metadata, see
-`repo_jax/model.py`); activations are named at the train step's boundaries
-(`batch`, `seq`, `vocab`). Both map onto the mesh axes `data`, `fsdp`,
-`tensor` through `RULES` and nothing else:
+`repo_jax/model.py`); activations are named inside the model with `constrain`
+(hidden states at every block boundary, heads, MLP hidden, RePo positions,
+logits). Both map onto the mesh axes `data`, `fsdp`, `tensor` through `RULES`
+and nothing else:
 
   data    pure data parallelism: parameters replicated, batch split
   fsdp    data parallelism with parameters (and optimizer state) split along
@@ -28,6 +29,9 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "accum": None,        # the micro-batch axis of a gradient-accumulation step
     "seq": None,
+    # The model dimension of activations stays whole: fsdp splits their batch instead.
+    # (Parameters' `embed` goes over fsdp; the same name here would gather the batch.)
+    "act_embed": None,
     # parameters (names used in repo_jax/model.py)
     "vocab": ("tensor",),
     "embed": ("fsdp",),
@@ -60,8 +64,8 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
-    # Auto axes: XLA's partitioner propagates shardings from the parameters and batch,
-    # so the model code needs no sharding annotations of its own.
+    # Auto axes: XLA's partitioner propagates shardings from the parameters, the batch
+    # and the activation pins of `constrain`.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
@@ -82,6 +86,17 @@ def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -
         used.update(chosen)
         spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
     return P(*spec)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Pin activation `x` to the logical `axes` on the mesh of the enclosing
+    `jax.set_mesh` (the train and eval steps trace under one). Without a mesh, as in
+    generation and the parity tests, it does nothing. Parameter shardings alone let XLA
+    keep the whole batch on every chip under fsdp; these pins split it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, mesh))
 
 
 def unsharded_dims(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> list[str]:

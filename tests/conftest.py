@@ -7,6 +7,9 @@ import os
 
 # Eight fake CPU devices for the mesh tests; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests run on the CPU even where libtpu is installed (requirements-tpu.txt); the
+# TPU compile test reaches XLA:TPU through compile-only topology devices instead.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

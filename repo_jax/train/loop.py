@@ -24,11 +24,10 @@ from repo_jax.run_lock import RunLock
 from repo_jax.step_integrity import BadStep
 from repo_jax.storage import writing
 from repo_jax.train import flops
+from repo_jax.train.build import build
 from repo_jax.train.metrics import MetricsLogger
-from repo_jax.train.optimizer import make_optimizer, schedule
 from repo_jax.train.resume import restore_newest_good, step_facts
-from repo_jax.train.state import ModelSpec, TrainState, init_params, model_spec
-from repo_jax.train.step import make_eval_step, make_train_step, opt_state_shardings
+from repo_jax.train.state import ModelSpec, TrainState, init_params
 
 
 class TrainingError(RuntimeError):
@@ -138,18 +137,8 @@ def _run(cfg: TrainConfig, devices: list | None, cleanup: contextlib.ExitStack) 
     main = jax.process_index() == 0
 
     mesh = shd.make_mesh(cfg.mesh, devices)
-    parallel = shd.batch_parallelism(mesh)
-    if cfg.micro_batch_size % parallel:
-        raise ConfigError(f"batch_size / grad_accum = {cfg.micro_batch_size} sequences do not divide "
-                          f"across the mesh's data*fsdp = {parallel} devices; make it a multiple "
-                          f"of {parallel}")
-
-    spec = model_spec(cfg.model, cfg.scan_layers)
-    p_shard = shd.param_shardings(spec.abstract, spec.logical_axes, mesh)
-    sched = schedule(cfg.schedule, cfg.optimizer.lr, cfg.steps)
-    tx = make_optimizer(cfg.optimizer, sched, spec.abstract.keys())
-    o_shard = opt_state_shardings(tx, spec.abstract, p_shard, mesh)
-    state_shard = TrainState(shd.replicated(mesh), p_shard, o_shard)
+    built = build(cfg, mesh)
+    spec, tx, p_shard = built.spec, built.tx, built.state_shardings.params
 
     train_data, eval_data = open_sources(cfg.data)
     batch_sh = shd.batch_sharding(mesh)
@@ -172,10 +161,7 @@ def _run(cfg: TrainConfig, devices: list | None, cleanup: contextlib.ExitStack) 
     messages: list[str] = []
     data_facts = {"seed": cfg.seed, "batch_size": cfg.batch_size,
                   "num_instances": train_data.num_instances, "seq_len": cfg.data.seq_len}
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            TrainState(jax.ShapeDtypeStruct((), jnp.int32), spec.abstract,
-                                       jax.eval_shape(tx.init, spec.abstract)), state_shard)
-    restored = restore_newest_good(ckpt, cfg, abstract, messages.append)
+    restored = restore_newest_good(ckpt, cfg, built.abstract_state(), messages.append)
     if restored is not None:
         state, meta = restored
         start = int(meta["step"])
@@ -196,7 +182,7 @@ def _run(cfg: TrainConfig, devices: list | None, cleanup: contextlib.ExitStack) 
             if main:
                 with writing(str(run_dir / "init_from.json")):
                     (run_dir / "init_from.json").write_text(json.dumps(init_report, indent=1))
-        opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+        opt_state = jax.jit(tx.init, out_shardings=built.state_shardings.opt_state)(params)
         state = TrainState(jax.device_put(jnp.int32(0), shd.replicated(mesh)), params, opt_state)
 
     if main:
@@ -216,8 +202,7 @@ def _run(cfg: TrainConfig, devices: list | None, cleanup: contextlib.ExitStack) 
     if skipped:
         logger.message(f"not split (mesh size does not divide): {skipped[:6]}")
 
-    train_step = make_train_step(spec, tx, sched, cfg.z_loss, mesh, state_shard)
-    eval_step = make_eval_step(spec, mesh, p_shard)
+    train_step, eval_step = built.train_step, built.eval_step
     total_peak, peak_how = flops.peak_flops(cfg.peak_flops, mesh.devices.size)
     step_flops = flops.flops_per_token(cfg.model, cfg.data.seq_len) * cfg.tokens_per_step
     logger.message(

@@ -14,17 +14,17 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from repo_jax import sharding as shd
-from repo_jax.train.loss import lm_loss
 from repo_jax.train.state import ModelSpec, TrainState
+from repo_jax.train.vocab_tiling import tiled_lm_loss
 
 
-def _forward_loss(spec: ModelSpec, mesh: Mesh, params, tokens, loss_mask=None):
-    # The mesh in context lets kernels that need shard_map (splash attention) find it.
+def _forward_loss(spec: ModelSpec, mesh: Mesh, params, tokens, loss_chunk: int, loss_mask=None):
+    # The model's activation pins (`shd.constrain`) and kernels that need shard_map
+    # (splash attention) resolve against this mesh.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        logits = spec.merge(params)(tokens)
-    logits = jax.lax.with_sharding_constraint(
-        logits, shd.named(mesh, ("batch", "seq", "vocab"), logits.shape))
-    return lm_loss(logits, tokens, loss_mask)
+        model = spec.merge(params)
+        hidden, _, _ = model.hidden(tokens)
+        return tiled_lm_loss(model.project, hidden, tokens, loss_chunk, loss_mask)
 
 
 def _unpack(batch) -> tuple[jax.Array, jax.Array | None]:
@@ -35,12 +35,12 @@ def _unpack(batch) -> tuple[jax.Array, jax.Array | None]:
 
 
 def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, sched: optax.Schedule,
-                    z_loss: float, mesh: Mesh, state_shardings: Any) -> Callable:
+                    z_loss: float, mesh: Mesh, state_shardings: Any, loss_chunk: int = 0) -> Callable:
     """(state, tokens int32 [accum, micro, T] or {"tokens", "loss_mask"}) -> (state, metrics),
-    state donated."""
+    state donated. `loss_chunk` > 0: the loss's logits exist that many positions at a time."""
 
     def loss_fn(params, tokens, loss_mask=None, share=None):
-        ce, z = _forward_loss(spec, mesh, params, tokens, loss_mask)
+        ce, z = _forward_loss(spec, mesh, params, tokens, loss_chunk, loss_mask)
         if share is not None:
             ce, z = ce * share, z * share
         return ce + z_loss * z, (ce, z)
@@ -85,12 +85,14 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, sched: op
                    out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(spec: ModelSpec, mesh: Mesh, param_shardings: dict[str, NamedSharding]) -> Callable:
+def make_eval_step(spec: ModelSpec, mesh: Mesh, param_shardings: dict[str, NamedSharding],
+                   loss_chunk: int = 0) -> Callable:
     """(params, tokens [1, micro, T]) -> mean cross-entropy."""
 
     def evaluate(params, batch):
         tokens, mask = _unpack(batch)
-        ce, _ = _forward_loss(spec, mesh, params, tokens[0], None if mask is None else mask[0])
+        ce, _ = _forward_loss(spec, mesh, params, tokens[0], loss_chunk,
+                              None if mask is None else mask[0])
         return ce
 
     return jax.jit(evaluate, in_shardings=(param_shardings, shd.batch_sharding(mesh)),
