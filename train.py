@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         # The host only compiles: keep JAX's own arrays on the CPU even where libtpu is installed.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    from repo_jax.cli import UserError, check_attention_impl
+    from repo_jax.cli import UserError
     from repo_jax.config import ConfigError, TrainConfig
     from repo_jax.data import DataError
     from repo_jax.hf_format import FormatError
@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
             from repo_jax.train.aot import main as compile_only
 
             return compile_only(cfg, args.topology, args.num_slices, args.out, args.quick)
-        check_attention_impl(cfg.model.attention_impl, "model.attention_impl=")
         summary = run(cfg)
     except (ConfigError, FormatError, DataError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)

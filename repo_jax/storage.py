@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -68,6 +69,10 @@ def silence_fault_echoes() -> None:
     """Drop the echoes of a failed save or read (idempotent; other errors pass through):
     the records above, and the completion callbacks of its other tensorstore operations
     that reach Orbax's already closed event loop."""
+    # Tensorstore writes of the failed save that never started are garbage-collected
+    # unawaited at exit; Python warns about each of them.
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
+                            category=RuntimeWarning)
     for name in ("absl", "asyncio"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _SaveFaultEchoes) for f in log.filters):

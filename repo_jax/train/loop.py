@@ -17,6 +17,7 @@ import numpy as np
 from repo_jax import params_io
 from repo_jax import sharding as shd
 from repo_jax.checkpoint import Checkpointer
+from repo_jax.cli import check_attention_impl
 from repo_jax.config import ConfigError, DistributedConfig, TrainConfig
 from repo_jax.data import BatchLoader, Prefetcher, SampleOrder, open_sources
 from repo_jax.hf_format import FormatError
@@ -133,6 +134,8 @@ def _run(cfg: TrainConfig, devices: list | None, cleanup: contextlib.ExitStack) 
         raise ConfigError(f"run_dir={cfg.run_dir} is a file, not a directory; give a directory "
                           "for the run's checkpoints and logs")
     initialize_distributed(cfg.distributed)
+    # Only now: asking for the platform starts JAX's backend, which must follow initialize.
+    check_attention_impl(cfg.model.attention_impl, "model.attention_impl=")
     _compilation_cache(cfg)
     main = jax.process_index() == 0
 
