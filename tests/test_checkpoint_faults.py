@@ -77,7 +77,7 @@ def test_damaged_steps_are_skipped_refused_and_set_aside(tmp_path, tokens, capsy
     # The trainer verifies everything: 6 and 4 are moved aside, it resumes from 2.
     summary = run(config(tmp_path, tokens, steps=8))
     out = capsys.readouterr().out
-    assert f"checkpoint step 6 is not usable: params/" in out
+    assert "checkpoint step 6 is not usable: params/" in out
     assert f"moved to {ckpts / '6.corrupt-checksum'}" in out
     assert "checkpoint step 4 is not usable: opt_state/" in out and "bytes, " in out
     assert f"resumed from {ckpts / '2'} (step 2," in out

@@ -4,15 +4,14 @@ under fsdp, and splits the activations' batch (temporaries) under fsdp and under
 tensor x fsdp as it does under pure data parallelism."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
-import jax.numpy as jnp
 import pytest
 
 from repo_jax import sharding as shd
-from repo_jax.config import MeshConfig, ModelConfig, OptimizerConfig, ScheduleConfig
-from repo_jax.train import TrainState, model_spec
-from repo_jax.train.optimizer import make_optimizer, schedule
-from repo_jax.train.step import make_train_step, opt_state_shardings
+from repo_jax.config import MeshConfig, ModelConfig, TrainConfig
+from repo_jax.train.build import batch_shapes, build
 
 # 8 heads so that tensor=2 splits them; a RePo layer so its positions are pinned too.
 MODEL = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -22,18 +21,14 @@ BATCH, SEQ = 16, 64   # the same global batch on every mesh
 
 
 def compiled_memory(mesh_cfg: MeshConfig, devices):
-    mesh = shd.make_mesh(mesh_cfg, devices)
-    spec = model_spec(MODEL)
-    p_shard = shd.param_shardings(spec.abstract, spec.logical_axes, mesh)
-    sched = schedule(ScheduleConfig(), 1e-3, 10)
-    tx = make_optimizer(OptimizerConfig(), sched, spec.abstract.keys())
-    shardings = TrainState(shd.replicated(mesh), p_shard, opt_state_shardings(tx, spec.abstract, p_shard, mesh))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            TrainState(jax.ShapeDtypeStruct((), jnp.int32), spec.abstract,
-                                       jax.eval_shape(tx.init, spec.abstract)), shardings)
-    batch = jax.ShapeDtypeStruct((1, BATCH, SEQ), jnp.int32, sharding=shd.batch_sharding(mesh))
-    step = make_train_step(spec, tx, sched, 1e-4, mesh, shardings)
-    return step.lower(abstract, batch).compile().memory_analysis()
+    """The trainer's own train step (train/build.py), compiled for `mesh_cfg`."""
+    base = TrainConfig()
+    cfg = dataclasses.replace(base, model=MODEL, batch_size=BATCH, grad_accum=1, mesh=mesh_cfg,
+                              data=dataclasses.replace(base.data, seq_len=SEQ, eos_token_id=0))
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    built = build(cfg, mesh)
+    return built.train_step.lower(built.abstract_state(), batch_shapes(cfg, mesh)[0]).compile() \
+        .memory_analysis()
 
 
 @pytest.fixture(scope="module")
