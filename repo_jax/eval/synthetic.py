@@ -22,7 +22,8 @@ from flax import nnx
 from repo_jax.config import SyntheticConfig
 from repo_jax.data import synthetic as syn
 
-NOISE_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
+# Recall is scored at each of these that fits the training length.
+NOISE_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 TABLE_ROWS = (2, 4, 8, 16)
 LENGTH_MULTIPLES = (1, 2, 4)
 
