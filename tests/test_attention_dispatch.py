@@ -1,9 +1,11 @@
-"""The `xla` attention choice on CPU runs the tiled kernel for whole sequences; it must
-equal the dense reference (values and gradients) to float32 round-off."""
+"""The `xla` attention choice on CPU runs causal chunks (or, for long sequences, the tiled
+kernel) for whole sequences; each must equal the dense reference (values and
+gradients) to float32 round-off."""
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from repo_jax import attention
 
@@ -20,8 +22,14 @@ def _inputs(t: int, heads: int, kv_heads: int):
     return q, k, v, index, segment
 
 
-def test_cpu_xla_choice_matches_dense_reference():
-    t = 2 * attention._CPU_TILE + 40  # tiled on CPU, with a partial last tile
+@pytest.mark.parametrize("path", ["chunks", "tiled"])
+def test_cpu_xla_choice_matches_dense_reference(path, monkeypatch):
+    if path == "tiled":  # what sequences too long for the chunks' saved probabilities get
+        monkeypatch.setattr(attention, "_CPU_CHUNKED_MAX", 0)
+        monkeypatch.setattr(attention, "_causal_chunks", None)
+    else:
+        monkeypatch.setattr(attention, "_blockwise", None)
+    t = 2 * attention._CPU_TILE + 40  # three chunks or tiles, the last one partial
     for heads, kv_heads in ((4, 4), (4, 2)):
         q, k, v, index, segment = _inputs(t, heads, kv_heads)
 
