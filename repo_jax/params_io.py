@@ -118,11 +118,19 @@ def read_meta(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]
         cfg = ModelConfig.from_dict(meta["model_config"])
     except (ConfigError, KeyError, TypeError) as e:
         raise FormatError(f"{f}: bad model_config ({e})") from None
-    recorded = meta.get("metadata", {}).get("repo_layers")
+    metadata = meta.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise FormatError(f"{f}: metadata is a {type(metadata).__name__}, not a JSON object; the "
+                          "model directory is damaged")
+    recorded = metadata.get("repo_layers")
+    if recorded is not None and (not isinstance(recorded, list)
+                                 or not all(isinstance(i, int) for i in recorded)):
+        raise FormatError(f"{f}: metadata.repo_layers={recorded!r} is not a list of layer "
+                          "numbers; the model directory is damaged")
     if recorded is not None and tuple(recorded) != cfg.repo_layers:
         raise FormatError(f"{f}: metadata says RePo layers {recorded} but model_config has "
                           f"{list(cfg.repo_layers)}; the file was edited inconsistently")
-    return cfg, meta.get("metadata", {})
+    return cfg, metadata
 
 
 def save_params(directory: str | os.PathLike, params: dict[str, Any]) -> None:

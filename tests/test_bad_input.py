@@ -47,6 +47,8 @@ def test_command_line_numbers_paths_and_platform(checkpoint, tmp_path, capsys):
              "--seed -1: must be >= 0")
     _refused(generate_main, [*ck, "--prompt", "the sun", "--temperature", "nan"], capsys,
              "--temperature nan")
+    _refused(eval_main, [*ck, "--task", "niah", "--context-lengths", "1024,100000000"], capsys,
+             "--context-lengths 1024,100000000: 100000000 tokens is over the 131072")
     _refused(eval_main, [*ck, "--task", "copa", "--max-length", "-5"], capsys,
              "--max-length -5: must be at least 2")
     # ... and against the model: the KV cache would be allocated for all of it.
@@ -88,6 +90,11 @@ def test_damaged_checkpoint_files(checkpoint, tmp_path, capsys):
     (bad_meta / "repo_jax.json").write_text("[1, 2]")
     _refused(generate_main, ["--checkpoint", bad_meta, "--prompt", "the sun"], capsys,
              "repo_jax.json: not a JSON object")
+    good = json.loads((Path(checkpoint) / "repo_jax.json").read_text())
+    for metadata, fragment in (([1], "metadata is a list, not a JSON object"),
+                               ({"repo_layers": "1,2"}, "metadata.repo_layers='1,2' is not a list")):
+        (bad_meta / "repo_jax.json").write_text(json.dumps({**good, "metadata": metadata}))
+        _refused(generate_main, ["--checkpoint", bad_meta, "--prompt", "the sun"], capsys, fragment)
 
 
 def test_train_config_reading(tmp_path, capsys):

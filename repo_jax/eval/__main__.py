@@ -15,6 +15,10 @@ from repo_jax.eval.runner import (SPECIAL_TASKS, make_encoder, run_multiple_choi
                                   run_perplexity, run_synthetic)
 from repo_jax.eval.tasks import TASKS
 
+# The longest haystack --task niah builds: 128K tokens (the RULER range); past it, one
+# mistyped length would spend minutes of text generation and gigabytes before failing.
+MAX_NIAH_LENGTH = 131072
+
 
 def _numbers(text: str, kind, flag: str) -> list:
     try:
@@ -99,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not lengths or min(lengths) < 1 or not depths or not all(0 <= d <= 1 for d in depths):
             raise UserError(f"--context-lengths {args.context_lengths} / --depths {args.depths}: "
                             "need positive lengths and depths in [0, 1]")
+        if max(lengths) > MAX_NIAH_LENGTH:
+            raise UserError(f"--context-lengths {args.context_lengths}: {max(lengths)} tokens is over "
+                            f"the {MAX_NIAH_LENGTH} this evaluation builds haystacks for; use shorter "
+                            "contexts")
         if args.num_needles < 1 or args.samples < 1:
             raise UserError("--num-needles and --samples must be at least 1")
 
