@@ -200,8 +200,8 @@ def _causal_chunks(q, k, v, *, q_index, kv_index, q_segment, kv_segment, chunk: 
     """Whole-sequence attention (slots in order: index[j] = j) as T/chunk dense pieces:
     query chunk i against keys [0, end of chunk i) only, each masked by `visible`. Skips
     what lies above the diagonal chunks, like the tiled path, but as a few large batched
-    matmuls with no loop: fwd+bwd 1.3-1.5x faster than the tiled path on XLA:CPU at
-    4 x 512 and 2 x 2048 tokens (benchmarks/bench_attention_cpu.py)."""
+    matmuls with no loop: fwd+bwd 1.7x and 1.9x faster than the tiled path on XLA:CPU at
+    4 x 512 and 2 x 2048 tokens (idle; benchmarks/bench_attention_cpu.py)."""
     t = q.shape[1]
     outs = []
     for start in range(0, t, chunk):
