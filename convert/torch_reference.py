@@ -89,10 +89,12 @@ def _olmo_weights(sd: dict[str, torch.Tensor], cfg):
     return sd["transformer.wte.weight"], layer, sd["transformer.ln_f.weight"], head
 
 
-@torch.no_grad()
-def forward(sd: dict[str, torch.Tensor], cfg, input_ids: torch.Tensor):
-    """Logits [B, T, V] and {RePo layer: positions [B, H, T]} for a HF state dict."""
-    return _forward(*_hf_weights(sd, cfg), cfg, input_ids)
+def forward(sd: dict[str, torch.Tensor], cfg, input_ids: torch.Tensor, *, grad: bool = False):
+    """Logits [B, T, V] and {RePo layer: positions [B, H, T]} for a HF state dict.
+    `grad=True` records autograd, for gradient parity (tensors of `sd` that require grad
+    get theirs)."""
+    with torch.set_grad_enabled(grad):
+        return _forward(*_hf_weights(sd, cfg), cfg, input_ids)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from flax import nnx
 
 from repo_jax.attention import attend
 from repo_jax.config import ModelConfig
-from repo_jax.rope import apply_rope, rope_cos_sin
+from repo_jax.rope import apply_rope, rope_angles
 from repo_jax.sharding import constrain
 
 # Logical axes of the hidden states [B, T, d] between blocks (see repo_jax.sharding).
@@ -124,10 +124,10 @@ class Attention(nnx.Module):
         # `rotate` is False on NoPE layers: a Python bool when known at trace time (no RoPE
         # work at all on NoPE layers), an array when scanned layers differ.
         if rotate is not False:
-            # Half-width tables, once per layer: per token and head [B, T, H, hd/2] on RePo
+            # Half-width angles, once per layer: per token and head [B, T, H, hd/2] on RePo
             # layers, per token [B, T, 1, hd/2] otherwise.
-            cos, sin = rope_cos_sin(ctx.positions[:, :, None] if z is None else z, cfg)
-            q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            angles, scale = rope_angles(ctx.positions[:, :, None] if z is None else z, cfg)
+            q_rot, k_rot = apply_rope(q, angles, scale), apply_rope(k, angles, scale)
             q = q_rot if rotate is True else jnp.where(rotate, q_rot, q)
             k = k_rot if rotate is True else jnp.where(rotate, k_rot, k)
         if cache is not None:

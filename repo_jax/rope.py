@@ -5,8 +5,10 @@ cannot even tell neighbouring integers apart.
 """
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -41,19 +43,48 @@ def inv_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     return inv_freq.astype(np.float32), 0.1 * math.log(factor) + 1.0
 
 
-def rope_cos_sin(positions: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos/sin of shape positions.shape + [head_dim / 2] for float positions (any leading
-    dims). Half width: both halves of a head rotate by the same angles, so a full-width
-    table would only repeat them (and, for RePo's per-head tables, double the
-    transcendentals and their backward pass)."""
+def rope_angles(positions: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, float]:
+    """Angles positions.shape + [head_dim / 2] for float positions (any leading dims), and
+    the cos/sin scale. Half width: both halves of a head rotate by the same angles."""
     inv_freq, scale = inv_frequencies(cfg)
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+    return positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq), scale
 
 
-def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """Rotate x [..., head_dim] (half-split layout, as `rotate_half` in HF) by half-width
-    cos/sin [..., head_dim / 2] in float32; returns x's dtype."""
-    x32 = x.astype(jnp.float32)
+def _rotate(x32: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     x1, x2 = jnp.split(x32, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def apply_rope(x: jnp.ndarray, angles: jnp.ndarray, scale: float) -> jnp.ndarray:
+    """Rotate x [..., head_dim] (half-split layout, as `rotate_half` in HF) by half-width
+    angles [..., head_dim / 2] (broadcast against x's leading dims), cos/sin scaled by
+    `scale`, in float32; returns x's dtype.
+
+    The gradient is written out because RePo's angles are learned: the derivative of a
+    rotation by a is the rotation by a + pi/2, so d(angle) = g2 * out1 - g1 * out2 needs
+    only the rotated output, which attention keeps anyway. Autodiff instead saved both
+    halves of x and built d(cos) and d(sin): 3% of a RePo step's op time on XLA:CPU
+    (benchmarks/profile_train_step.py), and the same extra memory traffic elsewhere."""
+    return _rotate(x.astype(jnp.float32), jnp.cos(angles) * scale, jnp.sin(angles) * scale).astype(x.dtype)
+
+
+def _apply_rope_fwd(x, angles, scale):
+    cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
+    out = _rotate(x.astype(jnp.float32), cos, sin).astype(x.dtype)
+    return out, (out, cos, sin)
+
+
+def _apply_rope_bwd(scale, residuals, g):
+    out, cos, sin = residuals
+    g1, g2 = jnp.split(g.astype(jnp.float32), 2, axis=-1)
+    o1, o2 = jnp.split(out.astype(jnp.float32), 2, axis=-1)
+    dx = jnp.concatenate([g1 * cos + g2 * sin, g2 * cos - g1 * sin], axis=-1).astype(out.dtype)
+    d_angles = g2 * o1 - g1 * o2
+    # Angles broadcast against x (one table for all heads) get those dims summed.
+    d_angles = jnp.sum(d_angles, axis=tuple(range(d_angles.ndim - cos.ndim)))
+    shared = tuple(i for i, (a, n) in enumerate(zip(cos.shape, d_angles.shape)) if a == 1 and n != 1)
+    return dx, jnp.sum(d_angles, axis=shared, keepdims=True)
+
+
+apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from flax import nnx
 
 import repo_jax as rj
 from convert import torch_reference
+from repo_jax.hf_format import path_to_hf
 from repo_jax.loading import iter_hf_tensors
 from tests.conftest import SMALL, add_repo_maps, hf_olmo2, write_hf_dir
 
@@ -135,3 +137,35 @@ def test_bfloat16_compute_tracks_float32(tokens):
     chex.assert_type(pb[2], jnp.float32)
     assert float(jnp.abs(a - b).max()) < 0.1
     assert float(jnp.abs(a - b).max()) > 0.0  # it really computed in bfloat16
+
+
+@pytest.mark.parametrize("schemes", [("rope", "repo", "repo", "repo"), ("repo", "nope", "rope", "repo")])
+def test_gradients_match_reference(schemes, tokens):
+    """Every parameter's gradient of a next-token loss, RePo maps included (they are
+    reached only through the rotation's angles), against torch autograd on the reference."""
+    cfg = rj.ModelConfig(**SMALL, layer_schemes=schemes)
+    model = rj.Olmo2Model(cfg, rngs=nnx.Rngs(4))
+    for i in cfg.repo_layers:  # positions spread over several units, as in training
+        attn = model.layers[i].self_attn
+        for m in (attn.gate_map, attn.content_map, attn.final_map):
+            m.kernel[...] = m.kernel[...] * 10.0
+    ids = jnp.asarray(tokens)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p, rest)(ids)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1))
+
+    grads = {path_to_hf(path)[0]: (np.asarray(g.get_value()), path_to_hf(path)[1])
+             for path, g in nnx.to_flat_state(jax.grad(loss)(params))}
+    sd = {k: torch.from_numpy(np.array(v)).requires_grad_() for k, v in iter_hf_tensors(model)}
+    logits, _ = torch_reference.forward(sd, cfg, torch.from_numpy(tokens).long(), grad=True)
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size),
+                                      torch.from_numpy(tokens[:, 1:]).long().reshape(-1)).backward()
+    assert sorted(grads) == sorted(sd)
+    for name, (g, transposed) in grads.items():
+        ref = sd[name].grad.numpy()
+        scale = max(1.0, float(np.abs(ref).max()))
+        np.testing.assert_allclose(g.T if transposed else g, ref, atol=TOL * scale, rtol=0, err_msg=name)
+    maps = [n for n in grads if "final_map" in n]
+    assert len(maps) == len(cfg.repo_layers) and all(np.abs(grads[n][0]).max() > 1e-6 for n in maps)
