@@ -68,4 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from repo_jax.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # CPU only: 2 MiB pages for XLA's per-step buffers
     sys.exit(main())

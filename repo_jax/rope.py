@@ -55,17 +55,28 @@ def _rotate(x32: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def apply_rope(x: jnp.ndarray, angles: jnp.ndarray, scale: float) -> jnp.ndarray:
     """Rotate x [..., head_dim] (half-split layout, as `rotate_half` in HF) by half-width
     angles [..., head_dim / 2] (broadcast against x's leading dims), cos/sin scaled by
     `scale`, in float32; returns x's dtype.
 
-    The gradient is written out because RePo's angles are learned: the derivative of a
-    rotation by a is the rotation by a + pi/2, so d(angle) = g2 * out1 - g1 * out2 needs
-    only the rotated output, which attention keeps anyway. Autodiff instead saved both
-    halves of x and built d(cos) and d(sin): 3% of a RePo step's op time on XLA:CPU
-    (benchmarks/profile_train_step.py), and the same extra memory traffic elsewhere."""
+    On CPU the gradient is hand-written (`_apply_rope_cpu`); other platforms differentiate
+    the plain rotation, chosen at lowering (`lax.platform_dependent`) as attention does."""
+    return jax.lax.platform_dependent(
+        x, angles, cpu=lambda x, a: _apply_rope_cpu(x, a, scale),
+        default=lambda x, a: _rotate(x.astype(jnp.float32), jnp.cos(a) * scale, jnp.sin(a) * scale).astype(x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _apply_rope_cpu(x: jnp.ndarray, angles: jnp.ndarray, scale: float) -> jnp.ndarray:
+    """`apply_rope` with its gradient written out. RePo's angles are learned: the
+    derivative of a rotation by a is the rotation by a + pi/2, so d(angle) = g2 * out1 -
+    g1 * out2 needs only the rotated output. Autodiff instead saved both halves of x and
+    built d(cos) and d(sin): 3% of a RePo step's op time on XLA:CPU
+    (benchmarks/profile_train_step.py). CPU only: XLA:TPU fuses autodiff's version, and
+    keeping the output and the cos/sin tables raised the 1B preset's compiled
+    temporaries by 0.5 GiB per chip and its estimated step by 1.7% (train.py
+    --compile-only), and in bfloat16 d(angle) would come from the rounded output."""
     return _rotate(x.astype(jnp.float32), jnp.cos(angles) * scale, jnp.sin(angles) * scale).astype(x.dtype)
 
 
@@ -87,4 +98,4 @@ def _apply_rope_bwd(scale, residuals, g):
     return dx, jnp.sum(d_angles, axis=shared, keepdims=True)
 
 
-apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
+_apply_rope_cpu.defvjp(_apply_rope_fwd, _apply_rope_bwd)

@@ -1,4 +1,4 @@
-"""`apply_rope`'s hand-written gradient against autodiff of the plain rotation."""
+"""`apply_rope` (and its CPU path's hand-written gradient) against autodiff of the plain rotation."""
 from __future__ import annotations
 
 import chex
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from repo_jax.rope import apply_rope
+from repo_jax.rope import _apply_rope_cpu, apply_rope
 
 
 def _plain(x, angles, scale):
@@ -37,9 +37,10 @@ class ApplyRopeGradTest(parameterized.TestCase):
         out = self.variant(lambda x, a: apply_rope(x, a, scale))(x, angles)
         chex.assert_shape(out, x.shape)
         chex.assert_type(out, dtype)
-        got = self.variant(jax.grad(loss(apply_rope), argnums=(0, 1)))(x, angles)
         want = jax.grad(loss(_plain), argnums=(0, 1))(x, angles)
-        for g, r in zip(got, want):
+        got = [*self.variant(jax.grad(loss(apply_rope), argnums=(0, 1)))(x, angles),
+               *self.variant(jax.grad(loss(_apply_rope_cpu), argnums=(0, 1)))(x, angles)]
+        for g, r in zip(got, [*want, *want]):
             chex.assert_equal_shape((g, r))
             chex.assert_trees_all_equal_dtypes(g, r)
             g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
