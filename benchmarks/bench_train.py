@@ -7,9 +7,10 @@ For each named case, on the same token batch and the same starting weights, floa
   * our step with RePo layers (upstream has no RePo),
 timed interleaved (each side in turn runs `--burst` steps and its last is timed, `--reps`
 rounds, the order reversed every other round) so that load and drift hit all sides
-alike. Prints s/step, tokens/s and MFU from each side's best round (FLOP formula in repo_jax/train/flops.py; peak obtained exactly
-as the trainer does, printed), and the ratio to PyTorch and RePo's time over RoPE's as the
-median of the per-round ratios with their range, by wall time and by process CPU time.
+alike. Prints s/step, tokens/s and MFU from each side's best round (FLOP formula in
+repo_jax/train/flops.py; peak obtained exactly as the trainer does, printed), and the
+ratio to PyTorch and RePo's time over RoPE's as the median of the per-round ratios with
+their range, by wall time and by process CPU time.
 
     python -m benchmarks.bench_train                       # every case
     python -m benchmarks.bench_train --case long --reps 9  # one case, more rounds
