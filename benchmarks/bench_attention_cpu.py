@@ -5,8 +5,10 @@ PyTorch's `scaled_dot_product_attention`, float32, one run, interleaved, best of
     python -m benchmarks.bench_attention_cpu --shape 2 4096 4 64 --reps 3
 
 Paths: dense (the reference, a [T, T] array per head), tiled (`blockwise` with the CPU
-tile; online softmax, memory linear in T) and chunks (`_causal_chunks`, what `xla`
-runs on a CPU while the saved probabilities fit). Each prints ms per fwd+bwd, the ratio
+tile; online softmax, memory linear in T), chunks (`_causal_chunks`, what `xla` runs on
+a CPU while the saved probabilities fit, with its written-out gradient) and chunks-ad
+(autodiff of the same chunked forward). Runs with the trainer's host-memory setting
+(`repo_jax.host_memory`). Each prints ms per fwd+bwd, the ratio
 to dense and to torch, and its largest gradient difference from dense.
 """
 from __future__ import annotations
@@ -38,6 +40,8 @@ def run(b: int, t: int, h: int, d: int, reps: int) -> None:
         "dense": lambda q, k, v: A._xla(q, k, v, A.visible(index, index, segment, segment)),
         "tiled": lambda q, k, v: A._blockwise(q, k, v, block_size=A._CPU_TILE, **kw),
         "chunks": lambda q, k, v: A._causal_chunks(q, k, v, chunk=A._cpu_chunk(t), **kw),
+        "chunks-ad": lambda q, k, v: A._chunked_fwd(q, k, v, index, index, segment, segment,
+                                                    A._cpu_chunk(t))[0],
     }
     fns = {name: jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2)))
            for name, f in paths.items()}
@@ -82,4 +86,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from repo_jax.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # as train.py does; the torch side inherits the setting
     main()
