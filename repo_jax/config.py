@@ -399,7 +399,8 @@ class TrainConfig:
     grad_accum: int = 1                   # micro-batches per step (batch_size / grad_accum each)
     z_loss: float = 1e-5
     # Vocabulary tiling: the loss's float32 logits exist for this many positions of each
-    # sequence at a time (0: all at once); see repo_jax/train/vocab_tiling.py.
+    # sequence at a time (0: all at once); a batch whose whole logits take at most
+    # 256 MiB is never tiled. See repo_jax/train/vocab_tiling.py.
     loss_chunk: int = 512
     log_every: int = 10
     eval_every: int = 100                 # 0: only at the end

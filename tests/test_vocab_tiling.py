@@ -24,7 +24,7 @@ def _objective(chunk):
     def f(hidden, w, tokens):
         project = lambda h: jnp.einsum("btd,dv->btv", h, w)  # noqa: E731
         ce, z = (lm_loss(project(hidden), tokens) if chunk is None
-                 else tiled_lm_loss(project, hidden, tokens, chunk))
+                 else tiled_lm_loss(project, hidden, tokens, chunk, untiled_max_bytes=0))
         return ce + 0.1 * z, (ce, z)
     return f
 
@@ -42,6 +42,21 @@ class TiledLossTest(chex.TestCase):
             chex.assert_trees_all_close(g_got, g_want, rtol=1e-5, atol=1e-7)
             # The last position has no target: its hidden state gets no gradient.
             assert float(jnp.abs(g_got[0][:, -1]).max()) == 0.0
+
+
+def test_small_logits_are_not_tiled_and_large_ones_are():
+    """Tiling recomputes each chunk's projection; below the size limit the plain path runs
+    (no scan in the program), above it the chunked one, for the same chunk setting."""
+    def program(t, vocab, **kw):
+        hidden = jax.ShapeDtypeStruct((B, t, D), jnp.float32)
+        w = jax.ShapeDtypeStruct((D, vocab), jnp.float32)
+        tokens = jax.ShapeDtypeStruct((B, t), jnp.int32)
+        f = lambda h, w, tok: tiled_lm_loss(lambda x: x @ w, h, tok, 4, **kw)  # noqa: E731
+        return str(jax.make_jaxpr(jax.grad(lambda *a: sum(f(*a)), (0, 1)))(hidden, w, tokens))
+
+    assert "scan" not in program(T, V)  # 2 x 13 x 32 float32 logits
+    assert "scan" in program(T, V, untiled_max_bytes=B * T * V * 4 - 1)
+    assert "scan" in program(4096, 100352)  # 3.3 GB of logits: above the default limit
 
 
 def test_lm_loss_equals_torch_cross_entropy_and_z_loss_with_gradients():

@@ -18,17 +18,27 @@ import jax.numpy as jnp
 from repo_jax.train.loss import lm_loss
 
 
+# Whole [B, T, V] float32 logits up to this size are not tiled: tiling recomputes every
+# chunk's projection in the backward pass (the `long` case of benchmarks/bench_train.py,
+# 2 x 2048 tokens, vocab 4096, 64 MiB of logits: 1.19 s/step whole vs 1.22-1.27 s tiled),
+# which only pays where the logits and their gradient would not fit beside the model.
+UNTILED_MAX_BYTES = 1 << 28
+
+
 def tiled_lm_loss(project: Callable[[jnp.ndarray], jnp.ndarray], hidden: jnp.ndarray,
-                  tokens: jnp.ndarray, chunk: int,
-                  loss_mask: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+                  tokens: jnp.ndarray, chunk: int, loss_mask: jnp.ndarray | None = None, *,
+                  untiled_max_bytes: int = UNTILED_MAX_BYTES) -> tuple[jnp.ndarray, jnp.ndarray]:
     """`lm_loss(project(hidden), tokens, loss_mask)` computed `chunk` positions at a time.
     `project`: [B, c, d] -> float32 logits [B, c, V]; hidden [B, T, d]; tokens int32 [B, T];
-    loss_mask [B, T] or None. A sequence that fits in one chunk takes the plain path
-    (bitwise the same)."""
+    loss_mask [B, T] or None. A sequence that fits in one chunk, or a batch whose whole
+    logits take at most `untiled_max_bytes` (the global array's size, so never less
+    than a device's share), takes the plain path (bitwise the same)."""
     chex.assert_rank(hidden, 3)
     b, t, d = hidden.shape
     chex.assert_shape(tokens, (b, t))
-    if chunk <= 0 or t <= chunk:
+    logits = jax.eval_shape(project, jax.ShapeDtypeStruct((b, 1, d), hidden.dtype))
+    whole_bytes = b * t * logits.shape[-1] * jnp.dtype(logits.dtype).itemsize
+    if chunk <= 0 or t <= chunk or whole_bytes <= untiled_max_bytes:
         return lm_loss(project(hidden), tokens, loss_mask)
     n = -(-t // chunk)
     pad = n * chunk - t
