@@ -4,13 +4,14 @@ For each named case, on the same token batch and the same starting weights, floa
   * our jitted step (forward, backward, CE + z-loss, clipping, AdamW) on one device,
   * upstream `transformers.Olmo2ForCausalLM` + `torch.optim.AdamW` doing the same, in a
     process of its own (sharing the host's malloc settings: repo_jax/host_memory.py),
-  * our step with RePo layers (upstream has no RePo),
-timed interleaved (each side in turn runs `--burst` steps and its last is timed, `--reps`
-rounds, the order reversed every other round) so that load and drift hit all sides
-alike. Prints s/step, tokens/s and MFU from each side's best round (FLOP formula in
-repo_jax/train/flops.py; peak obtained exactly as the trainer does, printed), and the
-ratio to PyTorch and RePo's time over RoPE's as the median of the per-round ratios with
-their range, by wall time and by process CPU time.
+  * our step with RePo layers (upstream has no RePo).
+Ours and PyTorch's are timed interleaved (each in turn runs `--burst` steps and its last
+is timed, `--reps` rounds, the order reversed every other round) so that load and drift
+hit both alike; then, with PyTorch's process stopped, ours with and without RePo the same
+way for `--repo-reps` rounds of one step each. Prints s/step, tokens/s and MFU from each
+side's best round (FLOP formula in repo_jax/train/flops.py; peak obtained exactly as
+the trainer does, printed), and the ratio to PyTorch and RePo's time over RoPE's as the
+median of the per-round ratios with their range, by wall time and by process CPU time.
 
     python -m benchmarks.bench_train                       # every case
     python -m benchmarks.bench_train --case long --reps 9  # one case, more rounds
@@ -141,7 +142,7 @@ def _torch_worker(conn, *args) -> None:
         conn.send((time.perf_counter() - t, time.process_time() - c0, ce))
 
 
-def run_case(name: str, c: Case, reps: int, burst: int, peak: float) -> dict:
+def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, peak: float) -> dict:
     import multiprocessing
 
     import numpy as np
@@ -206,13 +207,22 @@ def run_case(name: str, c: Case, reps: int, burst: int, peak: float) -> dict:
     # of system time), which a training job, one framework per host, never pays.
     walls = {k: [] for k in sides}
     cpus = {k: [] for k in sides}
-    for r in range(reps):
-        for k in (list(sides) if r % 2 == 0 else list(reversed(sides))):
-            for _ in range(burst):
-                wall, cpu = sides[k]()
-            walls[k].append(wall)
-            cpus[k].append(cpu)
+
+    def rounds(names: list[str], n: int, steps: int) -> None:
+        for r in range(n):
+            for k in (names if r % 2 == 0 else names[::-1]):
+                for _ in range(steps):
+                    wall, cpu = sides[k]()
+                walls[k].append(wall)
+                cpus[k].append(cpu)
+
+    rounds(["repo-jax", "transformers + torch AdamW"], reps, burst)
     stop_torch()
+    # RePo against RoPE without PyTorch in between: with it, one of the two always ran
+    # right after PyTorch's step, and on the vocabulary-bound case the per-round ratio
+    # spread over 0.60-1.94 (the memory PyTorch churned through, above).
+    first = len(walls["repo-jax"])
+    rounds(["repo-jax", "repo-jax, RePo layers"], repo_reps, 1)
     best = {k: min(v) for k, v in walls.items()}
     cpu = {k: min(v) for k, v in cpus.items()}
 
@@ -224,9 +234,9 @@ def run_case(name: str, c: Case, reps: int, burst: int, peak: float) -> dict:
     for k, cfg in (("repo-jax", base), ("transformers + torch AdamW", base), ("repo-jax, RePo layers", repo)):
         mfu = flops_per_token(cfg, c.seq) * n_tok / best[k] / peak
         print(f"  {k:28s} {best[k]:8.3f} {cpu[k]:10.3f} {n_tok / best[k]:9.1f} {mfu:6.1%}")
-    ratio, ratio_range = _paired(walls["transformers + torch AdamW"], walls["repo-jax"])
-    repo_ratio, repo_range = _paired(walls["repo-jax, RePo layers"], walls["repo-jax"])
-    repo_cpu, _ = _paired(cpus["repo-jax, RePo layers"], cpus["repo-jax"])
+    ratio, ratio_range = _paired(walls["transformers + torch AdamW"], walls["repo-jax"][:first])
+    repo_ratio, repo_range = _paired(walls["repo-jax, RePo layers"], walls["repo-jax"][first:])
+    repo_cpu, _ = _paired(cpus["repo-jax, RePo layers"], cpus["repo-jax"][first:])
     flop_ratio = flops_per_token(repo, c.seq) / flops_per_token(base, c.seq)
     # Process CPU time is what the step itself consumed: on a loaded host wall time also
     # counts the time the scheduler gave to other processes (torch's OpenMP workers also
@@ -255,6 +265,8 @@ def main() -> None:
                     help="case to run (repeatable; default: all)")
     ap.add_argument("--reps", type=int, default=5, help="timed rounds (each times every side once)")
     ap.add_argument("--burst", type=int, default=2, help="steps a side runs in a row per round, the last timed")
+    ap.add_argument("--repo-reps", type=int, default=10,
+                    help="rounds of RePo against RoPE, one step each, after the PyTorch rounds")
     args = ap.parse_args()
 
     import jax
@@ -263,10 +275,11 @@ def main() -> None:
 
     peak, how = peak_flops(0.0, 1)  # what train.py divides by on this host
     print(f"float32 on {os.cpu_count()} CPU cores ({jax.default_backend()}); "
-          f"peak {peak / 1e9:.1f} GFLOP/s ({how}); {args.reps} interleaved rounds, "
-          f"{args.burst} steps per side per round, the last timed; "
+          f"peak {peak / 1e9:.1f} GFLOP/s ({how}); {args.reps} interleaved rounds against PyTorch, "
+          f"{args.burst} steps per side per round, the last timed; {args.repo_reps} of RePo "
+          f"against RoPE; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
-    results = {name: run_case(name, CASES[name], args.reps, args.burst, peak) for name in args.case or CASES}
+    results = {name: run_case(name, CASES[name], args.reps, args.burst, args.repo_reps, peak) for name in args.case or CASES}
     print(f"\nmedian of per-round ratios [range]\n{'case':12s} {'repo-jax/transformers':>24s} "
           f"{'at 100% of peak':>16s} {'RePo/RoPE wall':>22s} {'RePo/RoPE CPU':>14s}")
     for name, r in results.items():
