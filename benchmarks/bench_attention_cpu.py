@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,6 +26,8 @@ def run(b: int, t: int, h: int, d: int, reps: int) -> None:
     import jax.numpy as jnp
     import numpy as np
     import torch
+
+    from benchmarks.timing import best_interleaved
 
     from repo_jax import attention as A
 
@@ -58,14 +59,7 @@ def run(b: int, t: int, h: int, d: int, reps: int) -> None:
 
     sides = {name: (lambda fn=fn: jax.block_until_ready(fn(q, k, v))) for name, fn in fns.items()}
     sides["torch sdpa"] = torch_step
-    best = {name: float("inf") for name in sides}
-    for fn in sides.values():
-        fn()
-    for _ in range(reps):
-        for name, fn in sides.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    best = best_interleaved(sides, reps)
     print(f"\nB={b} T={t} H={h} D={d} (chunk {A._cpu_chunk(t)}, tile {A._CPU_TILE})")
     for name, s in best.items():
         err = f"{errors[name]:.1e}" if name in errors else "-"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +25,8 @@ def run(m: int, d: int, i: int, reps: int) -> None:
     import jax.numpy as jnp
     import numpy as np
     import torch
+
+    from benchmarks.timing import best_interleaved
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((m, d), dtype=np.float32)
@@ -50,14 +51,7 @@ def run(m: int, d: int, i: int, reps: int) -> None:
             t.grad = None
 
     sides = {"jax": lambda: jax.block_until_ready(grads(*args)), "torch": torch_step}
-    best = {name: float("inf") for name in sides}
-    for fn in sides.values():
-        fn()
-    for _ in range(reps):
-        for name, fn in sides.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    best = best_interleaved(sides, reps)
     flops = 9 * 2 * m * d * i
     print(f"\nM={m} d={d} I={i}: fwd+bwd of one SwiGLU MLP ({flops / 1e9:.1f} GFLOP)")
     for name, s in best.items():

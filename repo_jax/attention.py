@@ -282,8 +282,8 @@ def _causal_chunks(q, k, v, *, q_index, kv_index, q_segment, kv_segment, chunk: 
     what lies above the diagonal chunks, like the tiled path, but as a few large batched
     matmuls with no loop: fwd+bwd 1.7x and 1.9x faster than the tiled path on XLA:CPU at
     4 x 512 and 2 x 2048 tokens (idle; benchmarks/bench_attention_cpu.py). The gradient
-    is written out (`_chunked_bwd`): 1.14x and 1.18x faster fwd+bwd than autodiff of the
-    same chunks at those sizes."""
+    is written out (`_chunked_bwd`): fwd+bwd 1.03x and 1.19x faster than autodiff of the
+    same chunks at those sizes (one run, `chunks-ad` in that benchmark)."""
     return _chunked(q, k, v, q_index.astype(jnp.int32), kv_index.astype(jnp.int32),
                     q_segment.astype(jnp.int32), kv_segment.astype(jnp.int32), chunk)
 
