@@ -191,6 +191,8 @@ def _cudnn(q, k, v, mask):
 # run against the dense path: 4 x 512 tokens, 8 heads of 64: 472 ms vs 719 ms; 2 x 2048
 # tokens: 545 ms vs 2540 ms (benchmarks/bench_train.py shows the whole step).
 _CPU_TILE = 128
+# From this many tokens, `_chunked_bwd` takes dK and dV from transposed copies of Q and dO.
+_COPY_ROWS_MIN_T = 1024
 # The causal chunks of the CPU path (below) keep their probabilities for the backward
 # pass, about B*H*T*T/2 float32 values per layer; above this many the tiled path runs.
 _CPU_CHUNKED_MAX = 1 << 26
@@ -253,12 +255,27 @@ def _chunked_bwd(chunk, residuals, d_out):
     delta = jnp.sum(do5 * o5, axis=-1)  # [B, KV, G, T]
     dk_t = jnp.zeros((b, kv, d, t), f32)
     dv_t = jnp.zeros((b, kv, d, t), f32)
+    # Summed over query rows, the dK/dV products contract the rows' major dimension: a
+    # form XLA:CPU gives to its slower Eigen dot (as weight gradients, `repo_jax.linear`).
+    # From copies of Q and dO laid out [B, KV, D, G, T] they are plain matmuls: fwd+bwd
+    # 0.86x the time at 2 x 2048 and 0.89x at 1 x 1024 tokens, but 1.15x at 4 x 512, where
+    # the copies cost more than the short products lose (benchmarks/bench_attention_cpu.py,
+    # `chunks` against `chunks-nocopy`).
+    copy_rows = t >= _COPY_ROWS_MIN_T
+    if copy_rows:
+        q_cols = jax.lax.optimization_barrier(jnp.transpose(q5f, (0, 1, 4, 2, 3)))
+        do_cols = jax.lax.optimization_barrier(jnp.transpose(do5, (0, 1, 4, 2, 3)))
     dqs = []
     for (start, end), p in zip(_chunk_spans(t, chunk), probs):
         c = end - start
         rows = q5f[:, :, :, start:end].reshape(b, kv, g * c, d)
         d_rows = do5[:, :, :, start:end].reshape(b, kv, g * c, d)
-        dv_t = dv_t.at[..., :end].add(jnp.einsum("bkqd,bkqs->bkds", d_rows, p))
+        if copy_rows:
+            rows_t = q_cols[..., start:end].reshape(b, kv, d, g * c)
+            d_rows_t = do_cols[..., start:end].reshape(b, kv, d, g * c)
+            dv_t = dv_t.at[..., :end].add(jnp.einsum("bkdq,bkqs->bkds", d_rows_t, p))
+        else:
+            dv_t = dv_t.at[..., :end].add(jnp.einsum("bkqd,bkqs->bkds", d_rows, p))
         dp = jnp.einsum("bkqd,bksd->bkqs", d_rows, vtf[:, :, :end])
         row_sum = delta[:, :, :, start:end].reshape(b, kv, g * c, 1)
         # Hidden keys have P = 0; the select also keeps a row that sees nothing (which
@@ -266,7 +283,10 @@ def _chunked_bwd(chunk, residuals, d_out):
         mask = _chunk_mask(q_index, kv_index, q_segment, kv_segment, start, end, g)
         ds = jnp.where(mask, p * (dp - row_sum), 0.0) * (d ** -0.5)
         dqs.append(jnp.einsum("bkqs,bksd->bkqd", ds, ktf[:, :, :end]).reshape(b, kv, g, c, d))
-        dk_t = dk_t.at[..., :end].add(jnp.einsum("bkqd,bkqs->bkds", rows, ds))
+        if copy_rows:
+            dk_t = dk_t.at[..., :end].add(jnp.einsum("bkdq,bkqs->bkds", rows_t, ds))
+        else:
+            dk_t = dk_t.at[..., :end].add(jnp.einsum("bkqd,bkqs->bkds", rows, ds))
     dq = jnp.transpose(jnp.concatenate(dqs, axis=3), (0, 3, 1, 2, 4)).reshape(b, t, kv * g, d)
     dk, dv = jnp.transpose(dk_t, (0, 3, 1, 2)), jnp.transpose(dv_t, (0, 3, 1, 2))
     # Integer index and segment inputs have no cotangent.

@@ -17,6 +17,7 @@ from flax import nnx
 
 from repo_jax.attention import attend
 from repo_jax.config import ModelConfig
+from repo_jax.linear import FlatLinear
 from repo_jax.rope import apply_rope, rope_angles
 from repo_jax.sharding import constrain
 
@@ -33,18 +34,6 @@ _REMAT_POLICIES = {
 def _init(cfg: ModelConfig):
     # OLMo-2 and the RePo recipe: truncated normal, std 0.02, cut at +-3 std.
     return nnx.initializers.truncated_normal(stddev=cfg.init_std, lower=-3.0, upper=3.0)
-
-
-class FlatLinear(nnx.Linear):
-    """nnx.Linear (same parameters) applied to its input reshaped to 2-D [B*T, d_in].
-    On XLA:CPU the weight gradient of a [B, T, d] x [d, out] dot costs a transposed copy
-    of the [B*T, out] gradient and a slower dot kernel (the profile of the train step had
-    these copies among its largest ops); on a 2-D input it is one plain dot. The reshape
-    is free on every backend and keeps the batch dimension major, so its sharding holds."""
-
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        y = super().__call__(x.reshape(-1, x.shape[-1]))
-        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs,

@@ -1,6 +1,8 @@
 """The `xla` attention choice on CPU runs causal chunks (or, for long sequences, the tiled
 kernel) for whole sequences; each must equal the dense reference (values and
 gradients) to float32 round-off."""
+from unittest import mock
+
 import chex
 from absl.testing import parameterized
 import jax
@@ -56,8 +58,12 @@ class ChunksGradientTest(parameterized.TestCase):
     """The causal chunks' written-out gradient against autodiff of the same forward."""
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(("float32", jnp.float32), ("bfloat16", jnp.bfloat16))
-    def test_matches_autodiff(self, dtype):
+    @parameterized.named_parameters(
+        # dK/dV from transposed copies of Q and dO (long sequences), and without them.
+        ("float32", jnp.float32, 0), ("float32_no_copies", jnp.float32, 1 << 30),
+        ("bfloat16", jnp.bfloat16, 0), ("bfloat16_no_copies", jnp.bfloat16, 1 << 30))
+    def test_matches_autodiff(self, dtype, copy_rows_min_t):
+        self.enter_context(mock.patch.object(attention, "_COPY_ROWS_MIN_T", copy_rows_min_t))
         t, chunk = 2 * attention._CPU_TILE + 40, attention._CPU_TILE  # last chunk partial
         q, k, v, index, segment = _inputs(t, 4, 2)
         q, k, v = (x.astype(dtype) for x in (q, k, v))
