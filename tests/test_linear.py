@@ -12,6 +12,7 @@ from absl.testing import parameterized
 from flax import nnx
 
 from repo_jax.linear import FlatLinear, _matmul_copied_grad, copied_grad_dot_general
+from tests._grad_utils import assert_grads_match
 
 _MATMUL = (((1,), (0,)), ((), ()))
 
@@ -44,12 +45,7 @@ class CopiedGradTest(parameterized.TestCase):
         cpu_path = lambda x, w, dn: _matmul_copied_grad(x, w, None)  # noqa: E731
         got = [*self.variant(jax.grad(loss(copied_grad_dot_general), argnums=(0, 1)))(x, w),
                *self.variant(jax.grad(loss(cpu_path), argnums=(0, 1)))(x, w)]
-        for g, r in zip(got, [*want, *want]):
-            chex.assert_equal_shape((g, r))
-            chex.assert_trees_all_equal_dtypes(g, r)
-            g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
-            assert np.abs(r).max() > 0.1
-            np.testing.assert_allclose(g, r, atol=tol * np.abs(r).max(), rtol=0)
+        assert_grads_match(got, [*want, *want], tol)
 
     def test_compiled_gradient_takes_the_copy(self):
         """On XLA:CPU the weight gradient is a dot contracting the copy's minor dim; plain
