@@ -270,12 +270,14 @@ def _chunked_bwd(chunk, residuals, d_out):
         c = end - start
         rows = q5f[:, :, :, start:end].reshape(b, kv, g * c, d)
         d_rows = do5[:, :, :, start:end].reshape(b, kv, g * c, d)
+        # Left operands of the products summed over these rows, and their contraction.
         if copy_rows:
-            rows_t = q_cols[..., start:end].reshape(b, kv, d, g * c)
-            d_rows_t = do_cols[..., start:end].reshape(b, kv, d, g * c)
-            dv_t = dv_t.at[..., :end].add(jnp.einsum("bkdq,bkqs->bkds", d_rows_t, p))
+            q_sum = q_cols[..., start:end].reshape(b, kv, d, g * c)
+            do_sum = do_cols[..., start:end].reshape(b, kv, d, g * c)
+            row_sum_spec = "bkdq,bkqs->bkds"
         else:
-            dv_t = dv_t.at[..., :end].add(jnp.einsum("bkqd,bkqs->bkds", d_rows, p))
+            q_sum, do_sum, row_sum_spec = rows, d_rows, "bkqd,bkqs->bkds"
+        dv_t = dv_t.at[..., :end].add(jnp.einsum(row_sum_spec, do_sum, p))
         dp = jnp.einsum("bkqd,bksd->bkqs", d_rows, vtf[:, :, :end])
         row_sum = delta[:, :, :, start:end].reshape(b, kv, g * c, 1)
         # Hidden keys have P = 0; the select also keeps a row that sees nothing (which
@@ -283,10 +285,7 @@ def _chunked_bwd(chunk, residuals, d_out):
         mask = _chunk_mask(q_index, kv_index, q_segment, kv_segment, start, end, g)
         ds = jnp.where(mask, p * (dp - row_sum), 0.0) * (d ** -0.5)
         dqs.append(jnp.einsum("bkqs,bksd->bkqd", ds, ktf[:, :, :end]).reshape(b, kv, g, c, d))
-        if copy_rows:
-            dk_t = dk_t.at[..., :end].add(jnp.einsum("bkdq,bkqs->bkds", rows_t, ds))
-        else:
-            dk_t = dk_t.at[..., :end].add(jnp.einsum("bkqd,bkqs->bkds", rows, ds))
+        dk_t = dk_t.at[..., :end].add(jnp.einsum(row_sum_spec, q_sum, ds))
     dq = jnp.transpose(jnp.concatenate(dqs, axis=3), (0, 3, 1, 2, 4)).reshape(b, t, kv * g, d)
     dk, dv = jnp.transpose(dk_t, (0, 3, 1, 2)), jnp.transpose(dv_t, (0, 3, 1, 2))
     # Integer index and segment inputs have no cotangent.
