@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from repo_jax.attention_splash import splash_attention
+from repo_jax.materialize import materialized
 
 
 def visible(q_index, kv_index, q_segment, kv_segment) -> jnp.ndarray:
@@ -286,8 +287,17 @@ def _chunked_bwd(chunk, residuals, d_out):
         ds = jnp.where(mask, p * (dp - row_sum), 0.0) * (d ** -0.5)
         dqs.append(jnp.einsum("bkqs,bksd->bkqd", ds, ktf[:, :, :end]).reshape(b, kv, g, c, d))
         dk_t = dk_t.at[..., :end].add(jnp.einsum(row_sum_spec, q_sum, ds))
-    dq = jnp.transpose(jnp.concatenate(dqs, axis=3), (0, 3, 1, 2, 4)).reshape(b, t, kv * g, d)
-    dk, dv = jnp.transpose(dk_t, (0, 3, 1, 2)), jnp.transpose(dv_t, (0, 3, 1, 2))
+    def to_token_major(dq5, dk_t, dv_t):
+        # Flattened heads: a reshape that only a transposed copy allows, so that layout
+        # assignment cannot turn the transposes into a layout change for the consumer.
+        return (jnp.transpose(dq5, (0, 3, 1, 2, 4)).reshape(b, t, -1),
+                jnp.transpose(dk_t, (0, 3, 1, 2)).reshape(b, t, -1),
+                jnp.transpose(dv_t, (0, 3, 1, 2)).reshape(b, t, -1))
+
+    # Each transpose written out once: fused into its consumers (the RoPE backward, twice
+    # over) it was a strided read inside every one of them (`repo_jax.materialize`).
+    dq, dk, dv = (x.reshape(b, t, -1, d) for x in
+                  materialized(to_token_major, jnp.concatenate(dqs, axis=3), dk_t, dv_t))
     # Integer index and segment inputs have no cotangent.
     return dq.astype(q5.dtype), dk.astype(kt.dtype), dv.astype(vt.dtype), None, None, None, None
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repo_jax.config import ModelConfig
+from repo_jax.materialize import materialized
 
 
 def inv_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
@@ -80,11 +81,18 @@ def _apply_rope_cpu(x: jnp.ndarray, angles: jnp.ndarray, scale: float) -> jnp.nd
     keeping the output and the cos/sin tables raised the 1B preset's compiled
     temporaries by 0.5 GiB per chip and its estimated step by 1.7% (train.py
     --compile-only), and in bfloat16 d(angle) would come from the rounded output."""
-    return _rotate_by(x, angles, scale)
+    return _rotate(x.astype(jnp.float32), *_cpu_tables(angles, scale)).astype(x.dtype)
+
+
+def _cpu_tables(angles: jnp.ndarray, scale: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos/sin tables written out once: left to XLA:CPU's fusion, every consumer
+    evaluated a cosine and a sine per element of q or k (8x the table when it is shared
+    by 8 heads), in the forward and again in the backward (`repo_jax.materialize`)."""
+    return materialized(lambda a: (jnp.cos(a) * scale, jnp.sin(a) * scale), angles)
 
 
 def _apply_rope_fwd(x, angles, scale):
-    cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
+    cos, sin = _cpu_tables(angles, scale)
     out = _rotate(x.astype(jnp.float32), cos, sin).astype(x.dtype)
     return out, (out, cos, sin)
 
