@@ -27,4 +27,5 @@ def materialized(fn: Callable, x: jax.Array, *args):
     floating-point array: the predicate is whether its first element is NaN."""
     if x.size == 0:
         return fn(x, *args)
-    return lax.cond(jnp.isnan(x.reshape(-1)[0]), fn, fn, x, *args)
+    # Indexed, not flattened: a flattening reshape of a sharded array gathers it.
+    return lax.cond(jnp.isnan(x[(0,) * x.ndim]), fn, fn, x, *args)
