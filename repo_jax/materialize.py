@@ -6,7 +6,8 @@ and k, in the forward and in the backward, and a transpose is read with a stride
 each elementwise fusion that uses it (a RoPE rotation fed from a transposed array took
 3.2 ms against 0.3 ms from a contiguous one at 4 x 512 x 8 x 64). The usual tool,
 `lax.optimization_barrier`, does not prevent this on XLA:CPU: its pipeline drops the
-barrier before fusion (the compiled HLO has none left). A conditional whose predicate is
+barrier before fusion (the compiled HLO has none left; earlier passes do respect it,
+which is all `repo_jax.linear` needs of it). A conditional whose predicate is
 known only at run time is kept, and nothing outside it fuses with what is inside: so
 `materialized` computes its function in one, the same function in both branches (the
 value does not depend on the predicate). A conditional whose branches only pass their
