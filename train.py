@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from repo_jax.host_memory import reexec_with_huge_pages
+    from repo_jax.host_memory import reexec_with_host_allocator
 
-    reexec_with_huge_pages()  # CPU only: 2 MiB pages for XLA's per-step buffers
+    reexec_with_host_allocator()  # CPU only: keep XLA's per-step buffers mapped
     sys.exit(main())

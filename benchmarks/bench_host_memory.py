@@ -1,5 +1,6 @@
-"""Train-step time, system time, page faults and peak RSS with and without
-`glibc.malloc.hugetlb=1` (repo_jax/host_memory.py), side by side in one run.
+"""Train-step time, system time, page faults and peak RSS under each host allocator
+setting of repo_jax/host_memory.py (glibc with 4 KiB pages, glibc with
+`glibc.malloc.hugetlb=1`, jemalloc preloaded where installed), side by side in one run.
 
 Each round starts one process per setting, in alternating order; a process builds the
 bench_train case's step, runs `--warmup` steps, then times `--steps` steps with
@@ -20,8 +21,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SETTINGS = {"4 KiB pages (glibc default)": "glibc.malloc.hugetlb=0",
-            "2 MiB pages (host_memory)": "glibc.malloc.hugetlb=1"}
+def settings() -> dict[str, dict[str, str]]:
+    """Name -> the environment a child runs under (the parent's, without the allocator
+    variables, plus these)."""
+    from repo_jax.host_memory import JEMALLOC_CONF, jemalloc_library
+
+    out = {"4 KiB pages (glibc default)": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
+           "2 MiB pages (default)": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}}
+    library = jemalloc_library()
+    if library is not None:
+        out["jemalloc (REPO_JAX_JEMALLOC=1)"] = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+                                         "LD_PRELOAD": library, "MALLOC_CONF": JEMALLOC_CONF}
+    else:
+        print("note: no jemalloc on this host (Debian/Ubuntu: apt-get install libjemalloc2)")
+    return out
 
 
 def child(case: str, warmup: int, steps: int) -> None:
@@ -32,6 +45,9 @@ def child(case: str, warmup: int, steps: int) -> None:
 
     from benchmarks.bench_train import CASES, jax_train_step, model_config
     from repo_jax.config import OptimizerConfig
+    from repo_jax.host_memory import keep_large_blocks
+
+    keep_large_blocks()  # what reexec_with_host_allocator does after its restart
 
     c = CASES[case]
     tokens = np.random.default_rng(0).integers(0, c.vocab, (c.batch, c.seq)).astype(np.int32)
@@ -48,7 +64,8 @@ def child(case: str, warmup: int, steps: int) -> None:
     print(json.dumps({"wall": wall / steps, "user": (r1.ru_utime - r0.ru_utime) / steps,
                       "sys": (r1.ru_stime - r0.ru_stime) / steps,
                       "faults": (r1.ru_minflt - r0.ru_minflt) / steps,
-                      "rss_gb": r1.ru_maxrss * 1024 / 1e9, "losses": losses}))
+                      "rss_warm_gb": r0.ru_maxrss * 1024 / 1e9, "rss_gb": r1.ru_maxrss * 1024 / 1e9,
+                      "losses": losses}))
 
 
 def main() -> None:
@@ -62,31 +79,37 @@ def main() -> None:
     if args.child:
         return child(args.case, args.warmup, args.steps)
 
-    from repo_jax.host_memory import huge_page_env
+    from repo_jax.host_memory import host_allocator_env
 
-    if huge_page_env({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}) is None:
-        print("note: repo_jax.host_memory would not enable huge pages on this host "
-              "(not Linux/glibc>=2.35, THP 'never', or JAX on an accelerator)")
-    rows = {k: [] for k in SETTINGS}
+    own = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")
+    clean = {k: v for k, v in os.environ.items() if k not in own}
+    if host_allocator_env(clean) is None:
+        print("note: repo_jax.host_memory would change nothing on this host "
+              "(not Linux, or JAX on an accelerator)")
+    table = settings()
+    rows = {k: [] for k in table}
     for r in range(args.rounds):
-        for name in (list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))):
-            env = {**os.environ, "GLIBC_TUNABLES": SETTINGS[name]}
+        for name in (list(table) if r % 2 == 0 else list(reversed(table))):
+            env = {**clean, **table[name]}
             out = subprocess.run([sys.executable, "-m", "benchmarks.bench_host_memory", "--child",
                                   "--case", args.case, "--warmup", str(args.warmup), "--steps", str(args.steps)],
                                  env=env, capture_output=True, text=True, check=True,
                                  cwd=Path(__file__).resolve().parents[1])
             rows[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"case {args.case}: {args.rounds} rounds x {args.steps} steps, per step")
-    print(f"  {'':28s} {'wall s':>8s} {'user s':>8s} {'sys s':>8s} {'faults':>9s} {'max RSS GB':>10s}")
+    print(f"  {'':30s} {'wall s':>8s} {'user s':>8s} {'sys s':>8s} {'faults':>9s} {'peak RSS GB (warm-up / end)':>28s}")
     for name, rs in rows.items():
-        med = {k: statistics.median(x[k] for x in rs) for k in ("wall", "user", "sys", "faults", "rss_gb")}
-        print(f"  {name:28s} {med['wall']:8.3f} {med['user']:8.3f} {med['sys']:8.3f} "
-              f"{med['faults']:9.0f} {med['rss_gb']:10.2f}")
-    base, huge = (rows[k] for k in SETTINGS)
-    speed = [b["wall"] / h["wall"] for b, h in zip(base, huge)]
-    same = all(b["losses"] == h["losses"] for b, h in zip(base, huge))
-    print(f"  speed-up with 2 MiB pages: {statistics.median(speed):.3f}x (rounds {min(speed):.3f}-{max(speed):.3f}); "
-          f"losses bit-identical: {same}")
+        med = {k: statistics.median(x[k] for x in rs)
+               for k in ("wall", "user", "sys", "faults", "rss_warm_gb", "rss_gb")}
+        print(f"  {name:30s} {med['wall']:8.3f} {med['user']:8.3f} {med['sys']:8.3f} "
+              f"{med['faults']:9.0f} {med['rss_warm_gb']:19.2f} / {med['rss_gb']:.2f}")
+    names = list(table)
+    for name in names[1:]:
+        for ref in names[:names.index(name)]:
+            speed = [b["wall"] / h["wall"] for b, h in zip(rows[ref], rows[name])]
+            same = all(b["losses"] == h["losses"] for b, h in zip(rows[ref], rows[name]))
+            print(f"  {name} over {ref}: {statistics.median(speed):.3f}x faster "
+                  f"(rounds {min(speed):.3f}-{max(speed):.3f}); losses bit-identical: {same}")
 
 
 if __name__ == "__main__":

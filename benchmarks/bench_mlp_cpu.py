@@ -72,7 +72,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from repo_jax.host_memory import reexec_with_huge_pages
+    from repo_jax.host_memory import reexec_with_host_allocator
 
-    reexec_with_huge_pages()  # as train.py does; the torch side inherits the setting
+    reexec_with_host_allocator()  # as train.py does; the torch side inherits the setting
     main()

@@ -3,7 +3,9 @@
 For each named case, on the same token batch and the same starting weights, float32:
   * our jitted step (forward, backward, CE + z-loss, clipping, AdamW) on one device,
   * upstream `transformers.Olmo2ForCausalLM` + `torch.optim.AdamW` doing the same, in a
-    process of its own (sharing the host's malloc settings: repo_jax/host_memory.py),
+    process of its own, on glibc's malloc with the same huge-page tunable as ours
+    (repo_jax/host_memory.py; not the jemalloc that REPO_JAX_JEMALLOC=1 preloads, which slowed
+    PyTorch's step: `_glibc_env`),
   * our step with RePo layers (upstream has no RePo).
 Ours and PyTorch's are timed interleaved (each in turn runs `--burst` steps and its last
 is timed, `--reps` rounds, the order reversed every other round) so that load and drift
@@ -19,6 +21,7 @@ median of the per-round ratios with their range, by wall time and by process CPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -135,11 +138,37 @@ def _torch_worker(conn, *args) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    print(f"  PyTorch's process: LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, "
+          f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '')!r}", flush=True)
     run_one = upstream_step(*args)
     while conn.recv():
         t, c0 = time.perf_counter(), time.process_time()
         ce = run_one()
         conn.send((time.perf_counter() - t, time.process_time() - c0, ce))
+
+
+@contextlib.contextmanager
+def _glibc_env():
+    """This process's environment without host_memory's jemalloc, for a child started
+    inside: PyTorch's step on jemalloc took 1.1-1.3x its time on glibc (transformer case,
+    processes alternating), and its users run it on glibc."""
+    from repo_jax.host_memory import JEMALLOC_CONF, jemalloc_library
+
+    saved = {k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF")}
+    if saved["MALLOC_CONF"] == JEMALLOC_CONF:
+        kept = [p for p in (saved["LD_PRELOAD"] or "").split(":") if p and p != jemalloc_library()]
+        os.environ.pop("MALLOC_CONF")
+        os.environ.pop("LD_PRELOAD", None)
+        if kept:
+            os.environ["LD_PRELOAD"] = ":".join(kept)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, peak: float) -> dict:
@@ -175,7 +204,8 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, peak: fl
         conn, child_end = multiprocessing.Pipe()
         proc = multiprocessing.get_context("spawn").Process(
             target=_torch_worker, args=(child_end, cfg, params, tokens, ocfg, z_loss), daemon=True)
-        proc.start()
+        with _glibc_env():
+            proc.start()
         losses = []
 
         def run_one() -> tuple[float, float]:
@@ -278,7 +308,8 @@ def main() -> None:
           f"peak {peak / 1e9:.1f} GFLOP/s ({how}); {args.reps} interleaved rounds against PyTorch, "
           f"{args.burst} steps per side per round, the last timed; {args.repo_reps} of RePo "
           f"against RoPE; "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, "
+          f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '')!r}")
     results = {name: run_case(name, CASES[name], args.reps, args.burst, args.repo_reps, peak) for name in args.case or CASES}
     print(f"\nmedian of per-round ratios [range]\n{'case':12s} {'repo-jax/transformers':>24s} "
           f"{'at 100% of peak':>16s} {'RePo/RoPE wall':>22s} {'RePo/RoPE CPU':>14s}")
@@ -290,7 +321,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from repo_jax.host_memory import reexec_with_huge_pages
+    from repo_jax.host_memory import reexec_with_host_allocator
 
-    reexec_with_huge_pages()  # as train.py does; the torch process inherits the setting
+    reexec_with_host_allocator()  # as train.py does; the torch process inherits the setting
     main()

@@ -1,25 +1,42 @@
-"""Back XLA:CPU's per-step buffers with 2 MiB pages (Linux, glibc >= 2.35, CPU only).
+"""Keep XLA:CPU's per-step buffers mapped across steps (Linux, CPU only).
 
 XLA:CPU allocates each executable's temporary buffer (1.7 GB for the benchmark's
 transformer step) with malloc on a worker thread and frees it when the step ends.
 glibc serves a worker thread from a per-thread arena whose heaps cannot exceed 64 MiB,
 so such a block always comes from a fresh mmap and goes back with munmap: every step
 the kernel maps it again one 4 KiB page fault at a time (440,000 faults and 0.7-0.8 s
-of system time in a 2.6 s step, getrusage in benchmarks/bench_host_memory.py). With
-glibc's `glibc.malloc.hugetlb=1` tunable malloc asks for transparent huge pages on
-those blocks: 512 times fewer faults, same memory use, the same numbers.
+of system time in a 2.6 s step, getrusage in benchmarks/bench_host_memory.py).
 
-Keeping the block in the heap instead (mallopt: one arena, no mmap, no trim) removes the
-faults too, but the heap then fragments and grows by a whole buffer every few dozen
-steps (2.7 -> 6.1 GB in 26 steps), so it is not used.
+Two remedies, both chosen when the process starts:
+  * on request (REPO_JAX_JEMALLOC=1) and where the system has it (Debian/Ubuntu
+    `libjemalloc2`), jemalloc preloaded with `JEMALLOC_CONF`: blocks of `LARGE_BLOCK`
+    and more come from an arena of their own that `keep_large_blocks` tells never to
+    hand freed pages back to the kernel, so the next step gets the same, already mapped
+    and zeroed, buffer: no faults, no zeroing. Smaller blocks keep jemalloc's default
+    purging. Not the default: system time 0.25 -> 0.05 s per step, but 0.95-1.03x the
+    step time and 1.4 GB more resident memory (README, benchmark notes).
+  * by default, glibc's `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35): malloc asks for
+    transparent huge pages on those blocks, 512 times fewer faults; the kernel still
+    zeroes the fresh mapping every step. Set too where jemalloc is preloaded: harmless,
+    and glibc's malloc still serves whatever runs before the preload takes effect.
 
-A tunable is read once, when the process starts, hence `reexec_with_huge_pages`: an
+Keeping the block in glibc's heap instead (mallopt: one arena, no mmap, no trim) removes
+the faults too, but the heap then fragments and grows by a whole buffer every few dozen
+steps (2.7 -> 6.1 GB in 26 steps), so it is not used. jemalloc keeping every freed page
+grew the same way (2.8 -> 11 GB in 50 steps); the large-block arena alone does not: its
+blocks recur at the same sizes every step, so it holds at most the largest set alive at
+once (the step's buffer, and one more where the next step starts before the last one's
+buffer is freed: +1.4 GB, once, then flat over 40 steps for the benchmark's transformer).
+
+Both are read once, when the process starts, hence `reexec_with_host_allocator`: an
 entry point calls it first thing, and it restarts the same command line with the
-tunable added. It is CPU-only: on TPU and GPU the step's buffers are device memory under
-XLA's own allocator. Set GLIBC_TUNABLES=glibc.malloc.hugetlb=0 to opt out.
+environment added. It is CPU-only: on TPU and GPU the step's buffers are device memory
+under XLA's own allocator. Opt out of huge pages with GLIBC_TUNABLES=glibc.malloc.hugetlb=0;
+with REPO_JAX_JEMALLOC=1, an LD_PRELOAD or MALLOC_CONF of the user's own is kept as it is.
 """
 from __future__ import annotations
 
+import ctypes.util
 import importlib.util
 import os
 import platform
@@ -28,6 +45,13 @@ from pathlib import Path
 from typing import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb"
+OPT_IN = "REPO_JAX_JEMALLOC"
+# Blocks this large (XLA:CPU's per-executable temporaries; 1.4 GB for the benchmark's
+# transformer step) get jemalloc's dedicated "oversize" arena; the rest of the process's
+# allocations never reach it. Huge pages for jemalloc's mappings, as glibc's tunable does.
+LARGE_BLOCK = 256 << 20
+JEMALLOC_CONF = f"thp:always,oversize_threshold:{LARGE_BLOCK}"
+_OTHER_MALLOCS = ("jemalloc", "tcmalloc", "mimalloc")
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -60,24 +84,86 @@ def _thp_available() -> bool:
         return False
 
 
-def huge_page_env(environ: Mapping[str, str]) -> dict[str, str] | None:
-    """The environment to restart with, or None where the tunable is set already (by us
-    or by the user, either way) or cannot help here."""
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if TUNABLE + "=" in tunables:
-        return None
-    if not (sys.platform.startswith("linux") and _glibc_has_tunable() and _thp_available()
-            and _cpu_platform(environ)):
-        return None
-    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"}
+def jemalloc_library() -> str | None:
+    """jemalloc 5's shared library as the dynamic loader will find it, or None (an older
+    soname has neither `oversize_threshold` nor the decay settings used here)."""
+    name = ctypes.util.find_library("jemalloc")
+    return name if name is not None and name.endswith(".so.2") else None
 
 
-def reexec_with_huge_pages() -> None:
-    """Restart this command line with the tunable set where it helps; returns otherwise.
-    Call it before anything else in an entry point's `__main__` block: the process is
-    replaced (same pid, stdin/stdout/stderr kept)."""
-    env = huge_page_env(os.environ)
+def _huge_pages_apply(environ: Mapping[str, str]) -> bool:
+    return (TUNABLE + "=" not in environ.get("GLIBC_TUNABLES", "")
+            and _glibc_has_tunable() and _thp_available())
+
+
+def _jemalloc_applies(environ: Mapping[str, str]) -> bool:
+    preload = environ.get("LD_PRELOAD", "")
+    return (environ.get(OPT_IN) == "1" and "MALLOC_CONF" not in environ
+            and not any(name in preload for name in _OTHER_MALLOCS))
+
+
+def host_allocator_env(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment to restart with, or None where there is nothing to add: each
+    setting is present already (by us or by the user, either way) or cannot help here."""
+    if not (sys.platform.startswith("linux") and _cpu_platform(environ)):
+        return None
+    env = dict(environ)
+    if _huge_pages_apply(environ):
+        tunables = environ.get("GLIBC_TUNABLES", "")
+        env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+    library = jemalloc_library() if _jemalloc_applies(environ) else None
+    if library is not None:
+        preload = environ.get("LD_PRELOAD", "")
+        env["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
+        env["MALLOC_CONF"] = JEMALLOC_CONF
+    return env if env != dict(environ) else None
+
+
+def _mallctl_ssize(mallctl, name: str, value: int | None = None) -> int:
+    """Read (and with `value`, then write) one ssize_t jemalloc setting."""
+    old, size = ctypes.c_ssize_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
+    new = None if value is None else ctypes.byref(ctypes.c_ssize_t(value))
+    err = mallctl(name.encode(), ctypes.byref(old), ctypes.byref(size), new, 0 if value is None else size.value)
+    if err:
+        raise OSError(err, f"jemalloc mallctl({name!r}) failed")
+    return old.value
+
+
+def keep_large_blocks() -> bool:
+    """In a process under host_memory's jemalloc settings, create the large-block arena
+    with purging off, so that it keeps freed pages for the next block; returns whether it
+    did. The arena is created on the first large allocation with the defaults of the
+    moment, except that jemalloc forces a positive decay time to 0 (purge at once), so:
+    defaults to "never purge", one large malloc/free, defaults back. Call it before the
+    process allocates a large block (the entry points do, right after the restart)."""
+    if os.environ.get("MALLOC_CONF") != JEMALLOC_CONF:
+        return False
+    libc = ctypes.CDLL(None)
+    mallctl = getattr(libc, "mallctl", None)  # exported only when jemalloc is loaded
+    if mallctl is None:
+        return False
+    mallctl.restype = ctypes.c_int
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                        ctypes.c_void_p, ctypes.c_size_t]
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.restype, libc.free.argtypes = None, [ctypes.c_void_p]
+    defaults = {name: _mallctl_ssize(mallctl, name, -1) for name in ("arenas.dirty_decay_ms", "arenas.muzzy_decay_ms")}
+    try:
+        libc.free(libc.malloc(LARGE_BLOCK))  # never touched: address space, no memory
+    finally:
+        for name, value in defaults.items():
+            _mallctl_ssize(mallctl, name, value)
+    return True
+
+
+def reexec_with_host_allocator() -> None:
+    """Restart this command line with the environment above where it helps, or, once
+    restarted, set up jemalloc's large-block arena (`keep_large_blocks`). Call it before
+    anything else in an entry point's `__main__` block: a restart replaces the process
+    (same pid, stdin/stdout/stderr kept)."""
+    env = host_allocator_env(os.environ)
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    keep_large_blocks()

@@ -1,5 +1,6 @@
-"""repo_jax.host_memory: when the entry points restart with 2 MiB pages, and that XLA's
-per-call buffers then stop faulting in 4 KiB at a time."""
+"""repo_jax.host_memory: when the entry points restart with 2 MiB pages and jemalloc,
+and that XLA's per-call buffers then stop faulting in 4 KiB at a time (huge pages) or
+at all (jemalloc)."""
 from __future__ import annotations
 
 import json
@@ -14,77 +15,154 @@ import pytest
 from repo_jax import host_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-APPLIES = host_memory.huge_page_env({"JAX_PLATFORMS": "cpu"}) is not None
-needs_thp = pytest.mark.skipif(not APPLIES, reason="no glibc>=2.35 with transparent huge pages on this host")
+JEMALLOC = host_memory.jemalloc_library()
+_OWN = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", host_memory.OPT_IN)
+HUGE = host_memory._huge_pages_apply({}) and sys.platform.startswith("linux")
+needs_thp = pytest.mark.skipif(not HUGE, reason="no glibc>=2.35 with transparent huge pages on this host")
+needs_jemalloc = pytest.mark.skipif(JEMALLOC is None or not sys.platform.startswith("linux"),
+                                    reason="no jemalloc on this host (apt-get install libjemalloc2)")
+
+
+@pytest.fixture
+def no_jemalloc(monkeypatch):
+    monkeypatch.setattr(host_memory, "jemalloc_library", lambda: None)
+
+
+@pytest.fixture
+def fake_jemalloc(monkeypatch):
+    monkeypatch.setattr(host_memory, "jemalloc_library", lambda: "libjemalloc.so.2")
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the allocator variables, plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k not in _OWN}, **extra}
 
 
 @needs_thp
-def test_env_adds_the_tunable_and_keeps_the_users():
-    env = host_memory.huge_page_env({"JAX_PLATFORMS": "cpu", "PATH": "/bin"})
+def test_env_adds_the_tunable_and_keeps_the_users(no_jemalloc):
+    env = host_memory.host_allocator_env({"JAX_PLATFORMS": "cpu", "PATH": "/bin"})
     assert env == {"JAX_PLATFORMS": "cpu", "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    env = host_memory.huge_page_env({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    env = host_memory.host_allocator_env({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
-@pytest.mark.parametrize("environ", [
-    {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},  # restarted already
-    {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},  # the user's opt-out
-    {"JAX_PLATFORMS": "tpu"},
-    {"JAX_PLATFORMS": "cuda,cpu"},
-    {"JAX_PLATFORM_NAME": "tpu"},
+def test_env_preloads_jemalloc_and_keeps_the_users_preload(fake_jemalloc):
+    asked = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "REPO_JAX_JEMALLOC": "1"}  # only jemalloc to add
+    env = host_memory.host_allocator_env({"JAX_PLATFORMS": "cpu", **asked})
+    assert env == {"JAX_PLATFORMS": "cpu", **asked, "LD_PRELOAD": "libjemalloc.so.2",
+                   "MALLOC_CONF": host_memory.JEMALLOC_CONF}
+    env = host_memory.host_allocator_env({"JAX_PLATFORMS": "cpu", **asked, "LD_PRELOAD": "/opt/libtrace.so"})
+    assert env["LD_PRELOAD"] == "libjemalloc.so.2:/opt/libtrace.so"
+
+
+@pytest.mark.parametrize("users", [
+    {},  # not asked for: the default
+    {"REPO_JAX_JEMALLOC": "0"},
+    {"REPO_JAX_JEMALLOC": "1", "MALLOC_CONF": "narenas:1"},  # the user's own jemalloc settings
+    {"REPO_JAX_JEMALLOC": "1", "LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"},  # another allocator
+    {"REPO_JAX_JEMALLOC": "1", "LD_PRELOAD": "/usr/lib/libjemalloc.so.2"},  # jemalloc by its own path
 ])
-def test_no_restart(environ):
-    assert host_memory.huge_page_env(environ) is None
+def test_jemalloc_left_to_the_user(fake_jemalloc, users):
+    environ = {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", **users}
+    assert host_memory.host_allocator_env(environ) is None
 
 
-def test_accelerator_plugin_means_no_restart(monkeypatch):
+@pytest.mark.parametrize("environ", [
+    # restarted already
+    {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "REPO_JAX_JEMALLOC": "1",
+     "LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": host_memory.JEMALLOC_CONF},
+    {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},  # the user's opt-out
+    {"JAX_PLATFORMS": "tpu", "REPO_JAX_JEMALLOC": "1"},
+    {"JAX_PLATFORMS": "cuda,cpu", "REPO_JAX_JEMALLOC": "1"},
+    {"JAX_PLATFORM_NAME": "tpu", "REPO_JAX_JEMALLOC": "1"},
+])
+def test_no_restart(fake_jemalloc, environ):
+    assert host_memory.host_allocator_env(environ) is None
+
+
+def test_accelerator_plugin_means_no_restart(fake_jemalloc, monkeypatch):
     real = host_memory.importlib.util.find_spec
     monkeypatch.setattr(host_memory.importlib.util, "find_spec",
                         lambda name, *a: object() if name == "libtpu" else real(name, *a))
-    assert host_memory.huge_page_env({}) is None
+    assert host_memory.host_allocator_env({"REPO_JAX_JEMALLOC": "1"}) is None
 
 
-@needs_thp
-def test_reexec_keeps_the_command_line(tmp_path):
+@pytest.mark.parametrize("asked", [False, True])
+def test_reexec_keeps_the_command_line_and_loads_jemalloc_on_request(tmp_path, asked):
+    if not (HUGE or (asked and JEMALLOC)):
+        pytest.skip("nothing for host_memory to set on this host")
     script = tmp_path / "entry.py"
     script.write_text(textwrap.dedent(f"""
         import json, os, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from repo_jax.host_memory import reexec_with_huge_pages
+        from repo_jax.host_memory import reexec_with_host_allocator
         print("before", flush=True)
-        reexec_with_huge_pages()
-        print(json.dumps({{"argv": sys.argv, "tunables": os.environ.get("GLIBC_TUNABLES")}}))
+        reexec_with_host_allocator()
+        maps = open("/proc/self/maps").read()
+        print(json.dumps({{"argv": sys.argv, "tunables": os.environ.get("GLIBC_TUNABLES"),
+                          "preload": os.environ.get("LD_PRELOAD"), "jemalloc_mapped": "libjemalloc" in maps}}))
         sys.exit(3)
     """))
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, "-u", str(script), "a b", "--flag"], capture_output=True, text=True,
-                         env={**env, "JAX_PLATFORMS": "cpu"})
+                         env=_clean_env(JAX_PLATFORMS="cpu", **({"REPO_JAX_JEMALLOC": "1"} if asked else {})))
     assert out.returncode == 3, out.stderr
     lines = out.stdout.splitlines()
     assert lines[:2] == ["before", "before"]  # ran twice: once as started, once restarted
-    assert json.loads(lines[2]) == {"argv": [str(script), "a b", "--flag"], "tunables": "glibc.malloc.hugetlb=1"}
+    assert json.loads(lines[2]) == {"argv": [str(script), "a b", "--flag"],
+                                    "tunables": "glibc.malloc.hugetlb=1" if HUGE else None,
+                                    "preload": JEMALLOC if asked else None,
+                                    "jemalloc_mapped": asked and JEMALLOC is not None}
 
 
 _FAULTS = """
-import json, resource, jax, jax.numpy as jnp
-f = jax.jit(lambda x: jnp.sum(jnp.exp(x) @ jnp.exp(x.T)))
-x = jnp.ones((4096, 4096), jnp.float32) * 1e-3
-f(x).block_until_ready()
-r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    f(x).block_until_ready()
-print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 3))
+import json, resource, sys
+sys.path.insert(0, {root!r})
+from repo_jax.host_memory import keep_large_blocks
+keep_large_blocks()  # as the entry points do after the restart (a no-op under glibc)
+import jax, jax.numpy as jnp
+# exp(x) read by a dot and by a transposed slice: one temporary the size of x
+f = jax.jit(lambda x, w: jnp.sum(jnp.exp(x) @ w) + jnp.sum(jnp.exp(x).T[:8]))
+x, w = jnp.full({shape}, 1e-3, jnp.float32), jnp.ones(({shape}[1], 8), jnp.float32)
+f(x, w).block_until_ready()
+r0 = resource.getrusage(resource.RUSAGE_SELF)
+for _ in range(20):
+    f(x, w).block_until_ready()
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({{"faults": (r1.ru_minflt - r0.ru_minflt) / 20, "rss_warm_kb": r0.ru_maxrss, "rss_kb": r1.ru_maxrss}}))
 """
+SMALL = (4096, 4096)  # 64 MiB temporaries
+LARGE = (80_000, 1024)  # 312 MiB: host_memory.LARGE_BLOCK and more
+
+
+def _per_call(shape: tuple[int, int], **env: str) -> dict:
+    code = _FAULTS.format(root=str(ROOT), shape=shape)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_clean_env(JAX_PLATFORMS="cpu", **env), check=True)
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 @needs_thp
 def test_huge_pages_cut_xla_temp_buffer_faults():
-    """XLA's 64 MiB temporaries, allocated and freed on every call: with 4 KiB pages each
-    call faults all of them in again (~16k faults per 64 MiB); with the tunable, ~1/512."""
-    faults = {}
-    for value in ("0", "1"):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": f"glibc.malloc.hugetlb={value}"}
-        out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, env=env, check=True)
-        faults[value] = json.loads(out.stdout.splitlines()[-1])
+    """XLA's temporaries, allocated and freed on every call: with 4 KiB pages each call
+    faults all of them in again (~16k faults per 64 MiB); with the tunable, ~1/512."""
+    faults = {value: _per_call(SMALL, GLIBC_TUNABLES=f"glibc.malloc.hugetlb={value}")["faults"] for value in "01"}
     assert faults["0"] > 16_000, faults
     assert faults["1"] < faults["0"] / 10, faults
+
+
+@needs_jemalloc
+def test_jemalloc_keeps_large_xla_temporaries_mapped():
+    """Under host_memory's jemalloc settings a freed large temporary is handed back on the
+    next call as it is: (almost) no faults, where glibc maps and faults it afresh, and
+    where jemalloc's own large-block arena, without `keep_large_blocks`, purges it too;
+    and holding on to it does not grow the process over the calls."""
+    jemalloc = {"LD_PRELOAD": JEMALLOC, "MALLOC_CONF": host_memory.JEMALLOC_CONF}
+    glibc = _per_call(LARGE, GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
+    kept = _per_call(LARGE, **jemalloc)
+    purged = _per_call(LARGE, **{**jemalloc, "MALLOC_CONF": host_memory.JEMALLOC_CONF + ",narenas:8"})
+    block_pages = LARGE[0] * LARGE[1] * 4 // 4096
+    assert glibc["faults"] > block_pages * 0.9, glibc
+    assert purged["faults"] > block_pages / 512 * 0.9, purged  # 2 MiB pages, faulted afresh
+    assert kept["faults"] < 50, kept
+    # At most one more block (a call's buffer allocated before the last one's is freed).
+    assert kept["rss_kb"] - kept["rss_warm_kb"] < (block_pages * 4 + 64 * 1024), kept
