@@ -1,4 +1,4 @@
-"""Keep XLA:CPU's per-step buffers mapped across steps (Linux, CPU only).
+"""Host allocator settings for XLA:CPU's per-step buffers (Linux, CPU only).
 
 XLA:CPU allocates each executable's temporary buffer (1.7 GB for the benchmark's
 transformer step) with malloc on a worker thread and frees it when the step ends.
@@ -166,4 +166,7 @@ def reexec_with_host_allocator() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    keep_large_blocks()
+    if not keep_large_blocks() and _jemalloc_applies(os.environ) and _cpu_platform(os.environ):
+        # Asked for and not loaded (checked in the final process only, so said once).
+        print(f"warning: {OPT_IN}=1 but no jemalloc 5 (libjemalloc.so.2) found; running on glibc's "
+              "malloc (Debian/Ubuntu: apt-get install libjemalloc2)", file=sys.stderr, flush=True)

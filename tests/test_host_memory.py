@@ -88,6 +88,24 @@ def test_accelerator_plugin_means_no_restart(fake_jemalloc, monkeypatch):
 
 
 @pytest.mark.parametrize("asked", [False, True])
+def test_jemalloc_asked_for_but_missing_is_said(monkeypatch, capsys, no_jemalloc, asked):
+    for key in _OWN:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")  # nothing left to restart for
+    if asked:
+        monkeypatch.setenv("REPO_JAX_JEMALLOC", "1")
+
+    def no_restart(*args):
+        raise AssertionError("restarted")
+
+    monkeypatch.setattr(host_memory.os, "execve", no_restart)
+    host_memory.reexec_with_host_allocator()
+    err = capsys.readouterr().err
+    assert ("REPO_JAX_JEMALLOC=1 but no jemalloc 5" in err and "apt-get install libjemalloc2" in err) == asked, err
+
+
+@pytest.mark.parametrize("asked", [False, True])
 def test_reexec_keeps_the_command_line_and_loads_jemalloc_on_request(tmp_path, asked):
     if not (HUGE or (asked and JEMALLOC)):
         pytest.skip("nothing for host_memory to set on this host")
