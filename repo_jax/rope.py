@@ -44,36 +44,43 @@ def inv_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     return inv_freq.astype(np.float32), 0.1 * math.log(factor) + 1.0
 
 
-def rope_angles(positions: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, float]:
-    """Angles positions.shape + [head_dim / 2] for float positions (any leading dims), and
-    the cos/sin scale. Half width: both halves of a head rotate by the same angles."""
-    inv_freq, scale = inv_frequencies(cfg)
-    return positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq), scale
-
-
 def _rotate(x32: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     x1, x2 = jnp.split(x32, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def apply_rope(x: jnp.ndarray, angles: jnp.ndarray, scale: float) -> jnp.ndarray:
-    """Rotate x [..., head_dim] (half-split layout, as `rotate_half` in HF) by half-width
-    angles [..., head_dim / 2] (broadcast against x's leading dims), cos/sin scaled by
-    `scale`, in float32; returns x's dtype.
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
+    """Rotate x [..., head_dim] (half-split layout, as `rotate_half` in HF) by float
+    positions of shape x.shape[:-1] or broadcast against it ([B, T, 1]: one position per
+    token; [B, T, H]: RePo's per head), with the model's frequencies and YaRN scale."""
+    inv_freq, scale = inv_frequencies(cfg)
+    return rotate(x, positions, tuple(float(f) for f in inv_freq), scale)
 
-    On CPU the gradient is hand-written (`_apply_rope_cpu`); other platforms differentiate
+
+def rotate(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: tuple[float, ...], scale: float) -> jnp.ndarray:
+    """`apply_rope` with explicit half-width frequencies [head_dim / 2] and cos/sin scale,
+    in float32; returns x's dtype. Half width: both halves of a head rotate by the same
+    angles, positions[..., None] * inv_freq.
+
+    On CPU the gradient is hand-written (`_rotate_cpu`); other platforms differentiate
     the plain rotation, chosen at lowering (`lax.platform_dependent`) as attention does."""
-    return jax.lax.platform_dependent(x, angles, cpu=lambda x, a: _apply_rope_cpu(x, a, scale),
-                                      default=lambda x, a: _rotate_by(x, a, scale))
+    positions = positions.astype(jnp.float32)
+    return jax.lax.platform_dependent(x, positions, cpu=lambda x, p: _rotate_cpu(x, p, inv_freq, scale),
+                                      default=lambda x, p: _rotate_plain(x, p, inv_freq, scale))
 
 
-def _rotate_by(x: jnp.ndarray, angles: jnp.ndarray, scale: float) -> jnp.ndarray:
-    return _rotate(x.astype(jnp.float32), jnp.cos(angles) * scale, jnp.sin(angles) * scale).astype(x.dtype)
+def _tables(positions: jnp.ndarray, inv_freq: tuple[float, ...], scale: float):
+    angles = positions[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _apply_rope_cpu(x: jnp.ndarray, angles: jnp.ndarray, scale: float) -> jnp.ndarray:
-    """`apply_rope` with its gradient written out. RePo's angles are learned: the
+def _rotate_plain(x, positions, inv_freq, scale):
+    return _rotate(x.astype(jnp.float32), *_tables(positions, inv_freq, scale)).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _rotate_cpu(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: tuple[float, ...], scale: float) -> jnp.ndarray:
+    """`rotate` with its gradient written out. RePo's positions are learned: the
     derivative of a rotation by a is the rotation by a + pi/2, so d(angle) = g2 * out1 -
     g1 * out2 needs only the rotated output. Autodiff instead saved both halves of x and
     built d(cos) and d(sin): 3% of a RePo step's op time on XLA:CPU
@@ -81,32 +88,38 @@ def _apply_rope_cpu(x: jnp.ndarray, angles: jnp.ndarray, scale: float) -> jnp.nd
     keeping the output and the cos/sin tables raised the 1B preset's compiled
     temporaries by 0.5 GiB per chip and its estimated step by 1.7% (train.py
     --compile-only), and in bfloat16 d(angle) would come from the rounded output."""
-    return _apply_rope_fwd(x, angles, scale)[0]
+    return _rotate_fwd(x, positions, inv_freq, scale)[0]
 
 
-def _cpu_tables(angles: jnp.ndarray, scale: float) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos/sin tables written out once: left to XLA:CPU's fusion, every consumer
-    evaluated a cosine and a sine per element of q or k (8x the table when it is shared
-    by 8 heads), in the forward and again in the backward (`repo_jax.materialize`)."""
-    return materialized(lambda a: (jnp.cos(a) * scale, jnp.sin(a) * scale), angles)
-
-
-def _apply_rope_fwd(x, angles, scale):
-    cos, sin = _cpu_tables(angles, scale)
+def _rotate_fwd(x, positions, inv_freq, scale):
+    # cos/sin tables written out once (`repo_jax.materialize`): left to XLA:CPU's fusion,
+    # every consumer evaluated a cosine and a sine per element of q or k (8x the table
+    # when it is shared by 8 heads), in the forward and again in the backward. Computed
+    # from the positions inside, so the angles are never an array of their own.
+    cos, sin = materialized(lambda p: _tables(p, inv_freq, scale), positions)
     out = _rotate(x.astype(jnp.float32), cos, sin).astype(x.dtype)
     return out, (out, cos, sin)
 
 
-def _apply_rope_bwd(scale, residuals, g):
+def _rotate_bwd(inv_freq, scale, residuals, g):
     out, cos, sin = residuals
-    g1, g2 = jnp.split(g.astype(jnp.float32), 2, axis=-1)
-    o1, o2 = jnp.split(out.astype(jnp.float32), 2, axis=-1)
+    g = g.astype(jnp.float32)
+    g1, g2 = jnp.split(g, 2, axis=-1)
     dx = jnp.concatenate([g1 * cos + g2 * sin, g2 * cos - g1 * sin], axis=-1).astype(out.dtype)
-    d_angles = g2 * o1 - g1 * o2
-    # Angles broadcast against x (one table for all heads) get those dims summed.
-    d_angles = jnp.sum(d_angles, axis=tuple(range(d_angles.ndim - cos.ndim)))
-    shared = tuple(i for i, (a, n) in enumerate(zip(cos.shape, d_angles.shape)) if a == 1 and n != 1)
-    return dx, jnp.sum(d_angles, axis=shared, keepdims=True)
+    # d(position) = sum_i f_i (g2_i out1_i - g1_i out2_i), summed as g times one
+    # full-width array: XLA:CPU hands this reduction to a library kernel that reads
+    # whole arrays only, so the half-width form had g's halves copied out one by one
+    # (and, as a slice of the output's concatenate is the operand that fed it, kept
+    # the output's halves as arrays of their own, copied again into the output).
+    f = jnp.asarray(inv_freq, jnp.float32)
+    pairs = out.astype(jnp.float32).reshape(*out.shape[:-1], 2, -1)[..., ::-1, :]  # [out2, out1]
+    sign_f = jnp.stack([-f, f])
+    d_pos = jnp.sum(g.reshape(pairs.shape) * pairs * sign_f, axis=(-2, -1))
+    # Positions broadcast against x (one per token for all heads) get those dims summed.
+    shape = cos.shape[:-1]
+    d_pos = jnp.sum(d_pos, axis=tuple(range(d_pos.ndim - len(shape))))
+    shared = tuple(i for i, (p, n) in enumerate(zip(shape, d_pos.shape)) if p == 1 and n != 1)
+    return dx, jnp.sum(d_pos, axis=shared, keepdims=True)
 
 
-_apply_rope_cpu.defvjp(_apply_rope_fwd, _apply_rope_bwd)
+_rotate_cpu.defvjp(_rotate_fwd, _rotate_bwd)

@@ -14,7 +14,7 @@ from absl.testing import parameterized
 
 from repo_jax.attention import attend
 from repo_jax.materialize import materialized
-from repo_jax.rope import apply_rope
+from repo_jax.rope import rotate
 
 
 def _computations(hlo: str) -> list[tuple[str, str]]:
@@ -62,12 +62,13 @@ class CallersTest(parameterized.TestCase):
     def test_rope_tables_stay_tables(self):
         """RoPE on q [B, T, H, D] with a table shared by the heads: cos/sin are computed at
         the table's shape [B, T, 1, D/2] only, in the forward and the backward."""
-        q, angles = jnp.ones((2, 16, 4, 8)), jnp.ones((2, 16, 1, 4))
+        q, positions = jnp.ones((2, 16, 4, 8)), jnp.ones((2, 16, 1))
         w = jax.random.normal(jax.random.key(0), q.shape)  # a loss with no cosine of its own
 
         def hlo():
-            f = jax.jit(jax.grad(lambda q, a: jnp.sum(apply_rope(q, a, 1.0) * w), argnums=(0, 1)))
-            return f.lower(q, angles).compile().as_text()
+            f = jax.jit(jax.grad(lambda q, p: jnp.sum(rotate(q, p, (1.0, 0.1, 0.01, 0.001), 1.0) * w),
+                                 argnums=(0, 1)))
+            return f.lower(q, positions).compile().as_text()
 
         with mock.patch("repo_jax.rope.materialized", _plain):
             assert "f32[2,16,4,8]" in _shapes_computing(hlo(), "cosine")
@@ -79,12 +80,12 @@ class CallersTest(parameterized.TestCase):
         through a transpose inside the RoPE backward that consumes them."""
         b, t, h, d = 1, 256, 2, 8  # two CPU tiles: the causal-chunks path
         q = jax.random.normal(jax.random.key(0), (b, t, h, d))
-        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.float32)[None, :, None, None], (b, t, 1, 1))
-        angles = pos * jnp.ones((d // 2,))
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.float32)[None, :, None], (b, t, 1))
+        inv_freq = (1.0,) * (d // 2)
         index, segment = jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.zeros((b, t), jnp.int32)
 
         def loss(q, k, v):
-            q, k = apply_rope(q, angles, 1.0), apply_rope(k, angles, 1.0)
+            q, k = rotate(q, pos, inv_freq, 1.0), rotate(k, pos, inv_freq, 1.0)
             out = attend(q, k, v, q_index=index, kv_index=index, q_segment=segment, kv_segment=segment)
             return jnp.sum(out * out)
 

@@ -149,6 +149,30 @@ class ForwardTest(parameterized.TestCase):
         chex.assert_trees_all_close(grads(cfg), grads(cfg.replace(remat=policy)), atol=1e-6)
 
 
+def test_repo_positioner_reads_x_in_one_product():
+    """gate_map and content_map run as one [d, 2r] dot in the forward and in the
+    backward (input and weight gradients), with the parameters kept apart; positions
+    equal the two separate maps'."""
+    model = _repo_model()
+    attn = model.layers[2].self_attn
+    cfg = model.config
+    d, r = cfg.hidden_size, cfg.repo_hidden_size
+    x = jax.random.normal(jax.random.key(0), (2, 8, d))
+    separate = attn.final_map(jax.nn.silu(attn.gate_map(x)) * attn.content_map(x))
+    np.testing.assert_allclose(attn.repo_positions(x), separate, rtol=1e-5, atol=1e-5)
+
+    graphdef, state = nnx.split(attn)
+
+    def loss(state, x):
+        return jnp.sum(nnx.merge(graphdef, state).repo_positions(x) ** 2)
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile().as_text()
+    shapes = [line.split(" dot(")[0].split(" = ")[1].split("{")[0] for line in hlo.splitlines() if " dot(" in line]
+    assert shapes.count(f"f32[16,{2 * r}]") == 1, shapes  # the product
+    assert shapes.count(f"f32[16,{d}]") == 1, shapes  # x's gradient
+    assert shapes.count(f"f32[{d},{2 * r}]") == 1 and f"f32[{d},{r}]" not in shapes, shapes  # weights'
+
+
 def test_rejects_wrong_rank():
     model = rj.Olmo2Model(rj.ModelConfig(**SMALL), rngs=nnx.Rngs(0))
     with pytest.raises(AssertionError):

@@ -1,17 +1,27 @@
-"""`apply_rope` (and its CPU path's hand-written gradient) against autodiff of the plain rotation."""
+"""`rotate` (and its CPU path's hand-written gradient) against autodiff of the plain rotation."""
 from __future__ import annotations
+
+import re
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
+from flax import nnx
 
-from repo_jax.rope import _apply_rope_cpu, apply_rope
+import repo_jax as rj
+
+from repo_jax.rope import _rotate_cpu, rotate
 from tests._grad_utils import assert_grads_match
+from tests.conftest import SMALL
 
 
-def _plain(x, angles, scale):
+INV_FREQ = (1.0, 0.3, 0.01, 1e-4)  # half of head_dim 8
+
+
+def _plain(x, positions, inv_freq, scale):
+    angles = positions[..., None] * jnp.asarray(inv_freq)
     cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -20,25 +30,40 @@ def _plain(x, angles, scale):
 class ApplyRopeGradTest(parameterized.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(
-        ("per_head", (2, 6, 3, 4), 1.0, jnp.float32, 1e-5),        # RePo: an angle per token and head
-        ("shared", (2, 6, 1, 4), 1.0, jnp.float32, 1e-5),          # one table for all heads
-        ("rank_broadcast", (6, 1, 4), 1.0, jnp.float32, 1e-5),     # no batch dim on the table
-        ("yarn_scale", (2, 6, 3, 4), 1.2, jnp.float32, 1e-5),
-        ("bfloat16", (2, 6, 3, 4), 1.0, jnp.bfloat16, 1e-2),  # dθ from the rounded output
+        ("per_head", (2, 6, 3), 1.0, jnp.float32, 1e-5),        # RePo: a position per token and head
+        ("shared", (2, 6, 1), 1.0, jnp.float32, 1e-5),          # one table for all heads
+        ("rank_broadcast", (6, 1), 1.0, jnp.float32, 1e-5),     # no batch dim on the positions
+        ("yarn_scale", (2, 6, 3), 1.2, jnp.float32, 1e-5),
+        ("bfloat16", (2, 6, 3), 1.0, jnp.bfloat16, 1e-2),  # d(position) from the rounded output
     )
-    def test_matches_autodiff(self, angle_shape, scale, dtype, tol):
+    def test_matches_autodiff(self, pos_shape, scale, dtype, tol):
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal((2, 6, 3, 8)), dtype)
-        angles = jnp.asarray(rng.uniform(-50, 50, angle_shape), jnp.float32)
+        positions = jnp.asarray(rng.uniform(-50, 50, pos_shape), jnp.float32)
         w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
 
         def loss(f):
-            return lambda x, a: jnp.sum(jnp.sin(f(x, a, scale).astype(jnp.float32)) * w)
+            return lambda x, p: jnp.sum(jnp.sin(f(x, p, INV_FREQ, scale).astype(jnp.float32)) * w)
 
-        out = self.variant(lambda x, a: apply_rope(x, a, scale))(x, angles)
+        out = self.variant(lambda x, p: rotate(x, p, INV_FREQ, scale))(x, positions)
         chex.assert_shape(out, x.shape)
         chex.assert_type(out, dtype)
-        want = jax.grad(loss(_plain), argnums=(0, 1))(x, angles)
-        got = [*self.variant(jax.grad(loss(apply_rope), argnums=(0, 1)))(x, angles),
-               *self.variant(jax.grad(loss(_apply_rope_cpu), argnums=(0, 1)))(x, angles)]
+        want = jax.grad(loss(_plain), argnums=(0, 1))(x, positions)
+        got = [*self.variant(jax.grad(loss(rotate), argnums=(0, 1)))(x, positions),
+               *self.variant(jax.grad(loss(_rotate_cpu), argnums=(0, 1)))(x, positions)]
         assert_grads_match(got, [*want, *want], tol)
+
+
+def test_repo_rotation_gradient_writes_no_half_width_arrays():
+    """The compiled CPU gradient of a RePo model rotates q and k in one fused pass each:
+    no half-width [B, T, H, head_dim/2] arrays and no concatenate of them at the top
+    level (the half-width d(position) had XLA keep the output's halves and g's halves as
+    arrays of their own, 16 of them here, and copy the halves into the output)."""
+    cfg = rj.ModelConfig(**SMALL).replace(repo_start_layer=1)
+    graphdef, state = nnx.split(rj.Olmo2Model(cfg, rngs=nnx.Rngs(0)))
+    ids = jnp.zeros((2, 16), jnp.int32)
+    grad = jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(ids) ** 2)))
+    entry = grad.lower(state).compile().as_text().split("\nENTRY")[1]
+    h, hd = cfg.num_attention_heads, cfg.head_dim
+    assert not re.findall(rf"= f32\[2,16,{h},{hd // 2}\]\S* \w+\(", entry)
+    assert not re.findall(rf"= f32\[2,16,{h},{hd}\]\S* concatenate\(", entry)
