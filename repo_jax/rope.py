@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from repo_jax.config import ModelConfig
-from repo_jax.materialize import materialized
 
 
 def inv_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
@@ -74,6 +73,63 @@ def _tables(positions: jnp.ndarray, inv_freq: tuple[float, ...], scale: float):
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
+def _split(value: float, parts: int, bits: int) -> tuple[float, ...]:
+    """value as a sum of `parts` floats, all but the last with `bits` significant bits
+    (so that their products with an integer below 2**(24 - bits) are exact in float32)."""
+    out, rest = [], value
+    for _ in range(parts - 1):
+        m, e = math.frexp(rest)
+        out.append(math.floor(m * 2 ** bits) / 2 ** bits * 2 ** e)
+        rest -= out[-1]
+    return (*out, float(np.float32(rest)))
+
+
+# pi/2 in four float32 parts for the Cody-Waite reduction below; Cephes' single-precision
+# minimax polynomials for sin and cos on [-pi/4, pi/4].
+_HALF_PI = _split(math.pi / 2, 4, 8)
+_SIN = (-1.6666654611e-1, 8.3321608736e-3, -1.9515295891e-4)
+_COS = (4.166664568298827e-2, -1.388731625493765e-3, 2.443315711809948e-5)
+# |angle| up to which the reduction is exact without relying on fused multiply-adds: the
+# quadrant index stays below 2**16, so its products with the 8-bit parts are exact in
+# float32. Beyond it (positions past 65536 at the highest frequency) the tables come
+# from XLA's sin and cos.
+SINCOS_LIMIT = 2.0 ** 16
+
+
+def _sincos(angles: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos and sin of float32 angles with |angle| <= SINCOS_LIMIT, within 2e-7 of the exact
+    values (tests/test_rope.py), from one range reduction. XLA:CPU's own sin and cos are
+    not vectorised: 8.0 ms for both over RePo's [4, 512, 8, 32] table of bench_train's
+    repo-heavy case against 0.6 ms for this, side by side; in the train step they were
+    0.5% of the long case's op time."""
+    j = jnp.round(angles * np.float32(2 / math.pi))
+    r = angles
+    for part in _HALF_PI:
+        r = r - j * np.float32(part)
+    r2 = r * r
+    s = r + r * r2 * (_SIN[0] + r2 * (_SIN[1] + r2 * _SIN[2]))
+    c = 1.0 - 0.5 * r2 + r2 * r2 * (_COS[0] + r2 * (_COS[1] + r2 * _COS[2]))
+    quadrant = j.astype(jnp.int32) & 3
+    sin = jnp.select([quadrant == 0, quadrant == 1, quadrant == 2], [s, c, -s], -c)
+    cos = jnp.select([quadrant == 0, quadrant == 1, quadrant == 2], [c, -s, -c], s)
+    return cos, sin
+
+
+def _cpu_tables(positions: jnp.ndarray, inv_freq: tuple[float, ...], scale: float):
+    """`_tables` by `_sincos` while every angle is in its range (XLA's sin and cos
+    otherwise), decided at run time. The conditional also keeps the tables written out
+    once (`repo_jax.materialize`): left to XLA:CPU's fusion, every consumer evaluated a
+    cosine and a sine per element of q or k (8x the table when it is shared by 8 heads),
+    in the forward and again in the backward. The angles are computed inside it from
+    the positions, never an array of their own."""
+    def fast(p):
+        cos, sin = _sincos(p[..., None] * jnp.asarray(inv_freq, jnp.float32))
+        return cos * scale, sin * scale
+
+    in_range = jnp.max(jnp.abs(positions)) * max(inv_freq) <= SINCOS_LIMIT
+    return jax.lax.cond(in_range, fast, lambda p: _tables(p, inv_freq, scale), positions)
+
+
 def _rotate_plain(x, positions, inv_freq, scale):
     return _rotate(x.astype(jnp.float32), *_tables(positions, inv_freq, scale)).astype(x.dtype)
 
@@ -92,11 +148,7 @@ def _rotate_cpu(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: tuple[float, .
 
 
 def _rotate_fwd(x, positions, inv_freq, scale):
-    # cos/sin tables written out once (`repo_jax.materialize`): left to XLA:CPU's fusion,
-    # every consumer evaluated a cosine and a sine per element of q or k (8x the table
-    # when it is shared by 8 heads), in the forward and again in the backward. Computed
-    # from the positions inside, so the angles are never an array of their own.
-    cos, sin = materialized(lambda p: _tables(p, inv_freq, scale), positions)
+    cos, sin = _cpu_tables(positions, inv_freq, scale)
     out = _rotate(x.astype(jnp.float32), cos, sin).astype(x.dtype)
     return out, (out, cos, sin)
 

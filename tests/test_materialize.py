@@ -14,6 +14,7 @@ from absl.testing import parameterized
 
 from repo_jax.attention import attend
 from repo_jax.materialize import materialized
+from repo_jax import rope
 from repo_jax.rope import rotate
 
 
@@ -61,7 +62,8 @@ class CallersTest(parameterized.TestCase):
 
     def test_rope_tables_stay_tables(self):
         """RoPE on q [B, T, H, D] with a table shared by the heads: cos/sin are computed at
-        the table's shape [B, T, 1, D/2] only, in the forward and the backward."""
+        the table's shape [B, T, 1, D/2] only, in the forward and the backward (the
+        polynomial's range reduction and, in the fallback branch, XLA's cosine and sine)."""
         q, positions = jnp.ones((2, 16, 4, 8)), jnp.ones((2, 16, 1))
         w = jax.random.normal(jax.random.key(0), q.shape)  # a loss with no cosine of its own
 
@@ -70,9 +72,9 @@ class CallersTest(parameterized.TestCase):
                                  argnums=(0, 1)))
             return f.lower(q, positions).compile().as_text()
 
-        with mock.patch("repo_jax.rope.materialized", _plain):
+        with mock.patch("repo_jax.rope._cpu_tables", rope._tables):  # no conditional
             assert "f32[2,16,4,8]" in _shapes_computing(hlo(), "cosine")
-        for op in ("cosine", "sine"):
+        for op in ("cosine", "sine", "round-nearest-even"):
             assert _shapes_computing(hlo(), op) == {"f32[2,16,1,4]"}, op
 
     def test_attention_gradients_are_written_token_major(self):

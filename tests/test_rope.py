@@ -12,7 +12,7 @@ from flax import nnx
 
 import repo_jax as rj
 
-from repo_jax.rope import _rotate_cpu, rotate
+from repo_jax.rope import SINCOS_LIMIT, _cpu_tables, _rotate_cpu, _sincos, rotate
 from tests._grad_utils import assert_grads_match
 from tests.conftest import SMALL
 
@@ -67,3 +67,29 @@ def test_repo_rotation_gradient_writes_no_half_width_arrays():
     h, hd = cfg.num_attention_heads, cfg.head_dim
     assert not re.findall(rf"= f32\[2,16,{h},{hd // 2}\]\S* \w+\(", entry)
     assert not re.findall(rf"= f32\[2,16,{h},{hd}\]\S* concatenate\(", entry)
+
+
+class SincosTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_float64_over_its_range(self):
+        rng = np.random.default_rng(0)
+        for bound in (1.0, 100.0, 1e4, SINCOS_LIMIT):
+            a = rng.uniform(-bound, bound, 200_000).astype(np.float32)
+            a[:3] = [bound, -bound, 0.0]
+            cos, sin = (np.asarray(t) for t in self.variant(_sincos)(jnp.asarray(a)))
+            np.testing.assert_allclose(cos, np.cos(a.astype(np.float64)), rtol=0, atol=2e-7, err_msg=f"{bound}")
+            np.testing.assert_allclose(sin, np.sin(a.astype(np.float64)), rtol=0, atol=2e-7, err_msg=f"{bound}")
+
+    def test_tables_beyond_its_range_come_from_xla(self):
+        """Angles past SINCOS_LIMIT (where the float32 reduction is no longer exact)
+        switch the whole table to XLA's cos and sin, bit for bit; within it, the
+        polynomial agrees with them."""
+        tables = jax.jit(lambda p: _cpu_tables(p, (1.0, 1e-3), 1.5))
+        near = jnp.asarray(np.linspace(-1e3, 1e3, 301, dtype=np.float32).reshape(7, 43))
+        far = near * 4 * SINCOS_LIMIT / 1e3
+        for p, check in ((near, lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=4e-7)),
+                         (far, np.testing.assert_array_equal)):
+            angles = p[..., None] * jnp.asarray((1.0, 1e-3), jnp.float32)
+            cos, sin = tables(p)
+            check(cos, 1.5 * jnp.cos(angles))
+            check(sin, 1.5 * jnp.sin(angles))
