@@ -68,9 +68,14 @@ def rotate(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: tuple[float, ...], 
                                       default=lambda x, p: _rotate_plain(x, p, inv_freq, scale))
 
 
-def _tables(positions: jnp.ndarray, inv_freq: tuple[float, ...], scale: float):
-    angles = positions[..., None] * jnp.asarray(inv_freq, jnp.float32)
-    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+def _xla_sincos(angles: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _tables(positions: jnp.ndarray, inv_freq: tuple[float, ...], scale: float, sincos=_xla_sincos):
+    """cos and sin tables positions.shape + [head_dim / 2], scaled by `scale`."""
+    cos, sin = sincos(positions[..., None] * jnp.asarray(inv_freq, jnp.float32))
+    return cos * scale, sin * scale
 
 
 def _split(value: float, parts: int, bits: int) -> tuple[float, ...]:
@@ -122,12 +127,9 @@ def _cpu_tables(positions: jnp.ndarray, inv_freq: tuple[float, ...], scale: floa
     cosine and a sine per element of q or k (8x the table when it is shared by 8 heads),
     in the forward and again in the backward. The angles are computed inside it from
     the positions, never an array of their own."""
-    def fast(p):
-        cos, sin = _sincos(p[..., None] * jnp.asarray(inv_freq, jnp.float32))
-        return cos * scale, sin * scale
-
     in_range = jnp.max(jnp.abs(positions)) * max(inv_freq) <= SINCOS_LIMIT
-    return jax.lax.cond(in_range, fast, lambda p: _tables(p, inv_freq, scale), positions)
+    return jax.lax.cond(in_range, lambda p: _tables(p, inv_freq, scale, _sincos),
+                        lambda p: _tables(p, inv_freq, scale), positions)
 
 
 def _rotate_plain(x, positions, inv_freq, scale):
