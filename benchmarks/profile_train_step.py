@@ -37,8 +37,10 @@ def _compiled(case: str, repo: bool):
     compiled = step.lower(state[0], batch).compile()
     kinds = {}
     for line in compiled.as_text().splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(", line)
-        if m:
+        # A tuple-shaped result (multi-output fusions, conditionals) has spaces in its shape.
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\(", line)
+        # A conditional's or loop's event spans the ops inside it, which have their own.
+        if m and m.group(3) not in ("conditional", "while", "call"):
             kinds[m.group(1)] = f"{m.group(3)} {m.group(2)[:48]}"
     state[0], metrics = compiled(state[0], batch)  # the first call's set-up, outside the trace
     float(metrics["loss"])

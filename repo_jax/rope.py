@@ -114,9 +114,13 @@ def _sincos(angles: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     r2 = r * r
     s = r + r * r2 * (_SIN[0] + r2 * (_SIN[1] + r2 * _SIN[2]))
     c = 1.0 - 0.5 * r2 + r2 * r2 * (_COS[0] + r2 * (_COS[1] + r2 * _COS[2]))
-    quadrant = j.astype(jnp.int32) & 3
-    sin = jnp.select([quadrant == 0, quadrant == 1, quadrant == 2], [s, c, -s], -c)
-    cos = jnp.select([quadrant == 0, quadrant == 1, quadrant == 2], [c, -s, -c], s)
+    # Quadrant k of the angle: (cos, sin) = (c, s), (-s, c), (-c, -s), (s, -c) for k = 0..3.
+    # Two selects and two signs (jnp.select built a stacked [4, ...] array of its
+    # conditions and a search over it: 2 ms of 3 for a RePo table).
+    k = j.astype(jnp.int32)
+    odd = (k & 1) == 1
+    cos = jnp.where(odd, s, c) * jnp.where(((k + 1) & 2) == 2, -1.0, 1.0)
+    sin = jnp.where(odd, c, s) * jnp.where((k & 2) == 2, -1.0, 1.0)
     return cos, sin
 
 
@@ -160,15 +164,21 @@ def _rotate_bwd(inv_freq, scale, residuals, g):
     g = g.astype(jnp.float32)
     g1, g2 = jnp.split(g, 2, axis=-1)
     dx = jnp.concatenate([g1 * cos + g2 * sin, g2 * cos - g1 * sin], axis=-1).astype(out.dtype)
-    # d(position) = sum_i f_i (g2_i out1_i - g1_i out2_i), summed as g times one
-    # full-width array: XLA:CPU hands this reduction to a library kernel that reads
-    # whole arrays only, so the half-width form had g's halves copied out one by one
-    # (and, as a slice of the output's concatenate is the operand that fed it, kept
-    # the output's halves as arrays of their own, copied again into the output).
+    # d(position) = sum_i f_i (g2_i out1_i - g1_i out2_i), summed as g times a reversed
+    # view of the output: a slice of the output's concatenate is the operand that fed it,
+    # so a half-width form made the forward write the output's halves as arrays of their
+    # own and copy them again into the output. The sum is a two-operand reduction (the
+    # same product twice): XLA:CPU hands one-operand sums to a library kernel that reads
+    # whole arrays only, for which the reversed view was written out as an array and the
+    # [-f, f] factor broadcast to one (41 ms of the repo-heavy case's step, 14 sums);
+    # XLA's own emitter takes the two-operand form and reads g and the output in place
+    # (9.5 ms; benchmarks/profile_train_step.py --vs-rope).
     f = jnp.asarray(inv_freq, jnp.float32)
     pairs = out.astype(jnp.float32).reshape(*out.shape[:-1], 2, -1)[..., ::-1, :]  # [out2, out1]
-    sign_f = jnp.stack([-f, f])
-    d_pos = jnp.sum(g.reshape(pairs.shape) * pairs * sign_f, axis=(-2, -1))
+    prod = g.reshape(pairs.shape) * pairs * jnp.stack([-f, f])
+    sums = jax.lax.reduce((prod, prod), (np.float32(0), np.float32(0)),
+                          lambda a, b: (a[0] + b[0], a[1] + b[1]), (prod.ndim - 2, prod.ndim - 1))
+    d_pos = (sums[0] + sums[1]) * 0.5  # both halves used, or XLA drops the second operand
     # Positions broadcast against x (one per token for all heads) get those dims summed.
     shape = cos.shape[:-1]
     d_pos = jnp.sum(d_pos, axis=tuple(range(d_pos.ndim - len(shape))))
