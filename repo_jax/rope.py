@@ -178,7 +178,7 @@ def _rotate_bwd(inv_freq, scale, residuals, g):
     prod = g.reshape(pairs.shape) * pairs * jnp.stack([-f, f])
     sums = jax.lax.reduce((prod, prod), (np.float32(0), np.float32(0)),
                           lambda a, b: (a[0] + b[0], a[1] + b[1]), (prod.ndim - 2, prod.ndim - 1))
-    d_pos = (sums[0] + sums[1]) * 0.5  # both halves used, or XLA drops the second operand
+    d_pos = (sums[0] + sums[1]) * 0.5  # both sums used, or XLA drops the second operand
     # Positions broadcast against x (one per token for all heads) get those dims summed.
     shape = cos.shape[:-1]
     d_pos = jnp.sum(d_pos, axis=tuple(range(d_pos.ndim - len(shape))))
