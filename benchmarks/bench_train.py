@@ -13,7 +13,8 @@ hit both alike; then, with PyTorch's process stopped, ours with and without RePo
 way for `--repo-reps` rounds of one step each. Prints s/step, tokens/s and MFU from each
 side's best round (FLOP formula in repo_jax/train/flops.py; peak obtained exactly as
 the trainer does, printed), and the ratio to PyTorch and RePo's time over RoPE's as the
-median of the per-round ratios with their range, by wall time and by process CPU time.
+median of the per-round ratios with their range and a 95% bootstrap interval, by wall time
+and by process CPU time (the interval: one round strays by +-5-10% on a shared VM).
 
     python -m benchmarks.bench_train                       # every case
     python -m benchmarks.bench_train --case long --reps 9  # one case, more rounds
@@ -264,9 +265,9 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, peak: fl
     for k, cfg in (("repo-jax", base), ("transformers + torch AdamW", base), ("repo-jax, RePo layers", repo)):
         mfu = flops_per_token(cfg, c.seq) * n_tok / best[k] / peak
         print(f"  {k:28s} {best[k]:8.3f} {cpu[k]:10.3f} {n_tok / best[k]:9.1f} {mfu:6.1%}")
-    ratio, ratio_range = _paired(walls["transformers + torch AdamW"], walls["repo-jax"][:first])
-    repo_ratio, repo_range = _paired(walls["repo-jax, RePo layers"], walls["repo-jax"][first:])
-    repo_cpu, _ = _paired(cpus["repo-jax, RePo layers"], cpus["repo-jax"][first:])
+    ratio, ratio_range, ratio_ci = _paired(walls["transformers + torch AdamW"], walls["repo-jax"][:first])
+    repo_ratio, repo_range, repo_ci = _paired(walls["repo-jax, RePo layers"], walls["repo-jax"][first:])
+    repo_cpu, _, repo_cpu_ci = _paired(cpus["repo-jax, RePo layers"], cpus["repo-jax"][first:])
     flop_ratio = flops_per_token(repo, c.seq) / flops_per_token(base, c.seq)
     # Process CPU time is what the step itself consumed: on a loaded host wall time also
     # counts the time the scheduler gave to other processes (torch's OpenMP workers also
@@ -275,18 +276,27 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, peak: fl
     # attention counted causally (half of the formula's [T, T] term, what SDPA computes).
     causal = flops_per_token(base, c.seq) - 6 * c.layers * c.hidden * c.seq
     ceiling = best["transformers + torch AdamW"] / (causal * n_tok / peak)
-    print(f"  repo-jax / transformers speed: {ratio:.2f}x (rounds {ratio_range[0]:.2f}-{ratio_range[1]:.2f}; "
-          f"a step at 100% of the peak would be {ceiling:.2f}x)")
-    print(f"  RePo / RoPE step time: {repo_ratio:.3f} wall (rounds {repo_range[0]:.3f}-{repo_range[1]:.3f}), "
-          f"{repo_cpu:.3f} CPU (FLOP ratio {flop_ratio:.4f})")
-    return {"ratio": ratio, "ratio_range": ratio_range, "repo_ratio": repo_ratio, "repo_range": repo_range,
-            "repo_cpu": repo_cpu, "ceiling": ceiling}
+    print(f"  repo-jax / transformers speed: {ratio:.2f}x (95% CI {ratio_ci[0]:.2f}-{ratio_ci[1]:.2f}, "
+          f"rounds {ratio_range[0]:.2f}-{ratio_range[1]:.2f}; a step at 100% of the peak would be {ceiling:.2f}x)")
+    print(f"  RePo / RoPE step time: {repo_ratio:.3f} wall (95% CI {repo_ci[0]:.3f}-{repo_ci[1]:.3f}, rounds "
+          f"{repo_range[0]:.3f}-{repo_range[1]:.3f}), {repo_cpu:.3f} CPU (95% CI {repo_cpu_ci[0]:.3f}-"
+          f"{repo_cpu_ci[1]:.3f}); FLOP ratio {flop_ratio:.4f}")
+    return {"ratio": ratio, "ratio_ci": ratio_ci, "repo_ratio": repo_ratio, "repo_ci": repo_ci,
+            "repo_cpu": repo_cpu, "repo_cpu_ci": repo_cpu_ci, "flop_ratio": flop_ratio, "ceiling": ceiling}
 
 
-def _paired(num: list[float], den: list[float]) -> tuple[float, tuple[float, float]]:
-    """Median and range of the per-round ratios num[r] / den[r]."""
-    ratios = [a / b for a, b in zip(num, den)]
-    return statistics.median(ratios), (min(ratios), max(ratios))
+def _paired(num: list[float], den: list[float]) -> tuple[float, tuple[float, float], tuple[float, float]]:
+    """Median of the per-round ratios num[r] / den[r], their range, and a 95% bootstrap
+    interval of that median (rounds resampled with replacement, fixed seed). On this
+    kind of host one round's ratio strays by +-5-10% (the host's speed changes within a
+    step, in CPU time as much as in wall time), so a median of 20 rounds is itself only
+    good to about +-2%: the interval says how far a figure can be read."""
+    import numpy as np
+
+    ratios = np.asarray(num) / np.asarray(den)
+    resampled = np.random.default_rng(0).choice(ratios, size=(4000, len(ratios)))
+    lo, hi = np.percentile(np.median(resampled, axis=1), [2.5, 97.5])
+    return float(np.median(ratios)), (float(ratios.min()), float(ratios.max())), (float(lo), float(hi))
 
 
 def main() -> None:
@@ -295,7 +305,7 @@ def main() -> None:
                     help="case to run (repeatable; default: all)")
     ap.add_argument("--reps", type=int, default=5, help="timed rounds (each times every side once)")
     ap.add_argument("--burst", type=int, default=2, help="steps a side runs in a row per round, the last timed")
-    ap.add_argument("--repo-reps", type=int, default=10,
+    ap.add_argument("--repo-reps", type=int, default=40,
                     help="rounds of RePo against RoPE, one step each, after the PyTorch rounds")
     args = ap.parse_args()
 
@@ -311,14 +321,13 @@ def main() -> None:
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, "
           f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '')!r}")
     results = {name: run_case(name, CASES[name], args.reps, args.burst, args.repo_reps, peak) for name in args.case or CASES}
-    print(f"\nmedian of per-round ratios [range]\n{'case':12s} {'repo-jax/transformers':>24s} "
-          f"{'at 100% of peak':>16s} {'RePo/RoPE wall':>22s} {'RePo/RoPE CPU':>14s}")
+    print(f"\nmedian of per-round ratios [95% bootstrap interval]\n{'case':12s} {'repo-jax/transformers':>22s} "
+          f"{'at 100% of peak':>16s} {'RePo/RoPE wall':>22s} {'RePo/RoPE CPU':>22s} {'FLOP ratio':>10s}")
     for name, r in results.items():
-        lo, hi = r["ratio_range"]
-        rlo, rhi = r["repo_range"]
-        print(f"{name:12s} {r['ratio']:5.2f}x [{lo:.2f}-{hi:.2f}]{'':5s} {r['ceiling']:15.2f}x "
-              f"{r['repo_ratio']:7.3f} [{rlo:.3f}-{rhi:.3f}] {r['repo_cpu']:14.3f}")
-
+        (lo, hi), (rlo, rhi), (clo, chi) = r["ratio_ci"], r["repo_ci"], r["repo_cpu_ci"]
+        print(f"{name:12s} {r['ratio']:5.2f}x [{lo:.2f}-{hi:.2f}]{'':3s} {r['ceiling']:15.2f}x "
+              f"{r['repo_ratio']:7.3f} [{rlo:.3f}-{rhi:.3f}] {r['repo_cpu']:7.3f} [{clo:.3f}-{chi:.3f}] "
+              f"{r['flop_ratio']:10.4f}")
 
 if __name__ == "__main__":
     from repo_jax.host_memory import reexec_with_host_allocator
