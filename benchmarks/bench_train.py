@@ -14,7 +14,8 @@ way for `--repo-reps` rounds of one step each. Prints s/step, tokens/s and MFU f
 side's best round (FLOP formula in repo_jax/train/flops.py; peak obtained exactly as
 the trainer does, printed), and the ratio to PyTorch and RePo's time over RoPE's as the
 median of the per-round ratios with their range and a 95% bootstrap interval, by wall time
-and by process CPU time (the interval: one round strays by +-5-10% on a shared VM).
+by process CPU time and by user CPU time (the interval: one round strays by +-5-10% on a
+shared VM).
 
     python -m benchmarks.bench_train                       # every case
     python -m benchmarks.bench_train --case long --reps 9  # one case, more rounds
@@ -143,9 +144,10 @@ def _torch_worker(conn, *args) -> None:
           f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '')!r}", flush=True)
     run_one = upstream_step(*args)
     while conn.recv():
-        t, c0 = time.perf_counter(), time.process_time()
+        t, c0 = time.perf_counter(), _cpu_times()
         ce = run_one()
-        conn.send((time.perf_counter() - t, time.process_time() - c0, ce))
+        c1 = _cpu_times()
+        conn.send((time.perf_counter() - t, c1[0] - c0[0], c1[1] - c0[1], ce))
 
 
 @contextlib.contextmanager
@@ -191,13 +193,13 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, peak: fl
         host_params = {k: np.asarray(v) for k, v in state[0].params.items()}
         losses = []
 
-        def run_one() -> tuple[float, float]:
-            t, c0 = time.perf_counter(), time.process_time()
+        def run_one() -> tuple[float, float, float]:
+            t, c0 = time.perf_counter(), _cpu_times()
             state[0], m = step(state[0], batch)
             losses.append(float(m["loss"]))  # waits for the step
-            wall, cpu = time.perf_counter() - t, time.process_time() - c0
+            wall, c1 = time.perf_counter() - t, _cpu_times()
             assert step._cache_size() == 1, "the train step compiled again"
-            return wall, cpu
+            return wall, c1[0] - c0[0], c1[1] - c0[1]
 
         return run_one, losses, host_params
 
@@ -209,11 +211,11 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, peak: fl
             proc.start()
         losses = []
 
-        def run_one() -> tuple[float, float]:
+        def run_one() -> tuple[float, float, float]:
             conn.send(True)
-            wall, cpu, ce = conn.recv()
+            wall, cpu, user, ce = conn.recv()
             losses.append(ce)
-            return wall, cpu
+            return wall, cpu, user
 
         def stop() -> None:
             conn.send(False)
@@ -238,14 +240,16 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, peak: fl
     # of system time), which a training job, one framework per host, never pays.
     walls = {k: [] for k in sides}
     cpus = {k: [] for k in sides}
+    users = {k: [] for k in sides}
 
     def rounds(names: list[str], n: int, steps: int) -> None:
         for r in range(n):
             for k in (names if r % 2 == 0 else names[::-1]):
                 for _ in range(steps):
-                    wall, cpu = sides[k]()
+                    wall, cpu, user = sides[k]()
                 walls[k].append(wall)
                 cpus[k].append(cpu)
+                users[k].append(user)
 
     rounds(["repo-jax", "transformers + torch AdamW"], reps, burst)
     stop_torch()
@@ -268,6 +272,7 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, peak: fl
     ratio, ratio_range, ratio_ci = _paired(walls["transformers + torch AdamW"], walls["repo-jax"][:first])
     repo_ratio, repo_range, repo_ci = _paired(walls["repo-jax, RePo layers"], walls["repo-jax"][first:])
     repo_cpu, _, repo_cpu_ci = _paired(cpus["repo-jax, RePo layers"], cpus["repo-jax"][first:])
+    repo_user, _, repo_user_ci = _paired(users["repo-jax, RePo layers"], users["repo-jax"][first:])
     flop_ratio = flops_per_token(repo, c.seq) / flops_per_token(base, c.seq)
     # Process CPU time is what the step itself consumed: on a loaded host wall time also
     # counts the time the scheduler gave to other processes (torch's OpenMP workers also
@@ -278,11 +283,26 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, peak: fl
     ceiling = best["transformers + torch AdamW"] / (causal * n_tok / peak)
     print(f"  repo-jax / transformers speed: {ratio:.2f}x (95% CI {ratio_ci[0]:.2f}-{ratio_ci[1]:.2f}, "
           f"rounds {ratio_range[0]:.2f}-{ratio_range[1]:.2f}; a step at 100% of the peak would be {ceiling:.2f}x)")
+    # User CPU time is the step's own computation. The rest of process CPU time is the
+    # kernel's, mostly mapping and zeroing the step's fresh temporary buffer; on this VM
+    # one step in two of the same work could take 1.5-4 s of it instead of 0.15 s (the same
+    # huge-page faults, 10x the time: the host backing the pages again), the widest
+    # source of spread between rounds on glibc's malloc (none with REPO_JAX_JEMALLOC=1).
     print(f"  RePo / RoPE step time: {repo_ratio:.3f} wall (95% CI {repo_ci[0]:.3f}-{repo_ci[1]:.3f}, rounds "
           f"{repo_range[0]:.3f}-{repo_range[1]:.3f}), {repo_cpu:.3f} CPU (95% CI {repo_cpu_ci[0]:.3f}-"
-          f"{repo_cpu_ci[1]:.3f}); FLOP ratio {flop_ratio:.4f}")
+          f"{repo_cpu_ci[1]:.3f}), {repo_user:.3f} user CPU (95% CI {repo_user_ci[0]:.3f}-{repo_user_ci[1]:.3f}); "
+          f"FLOP ratio {flop_ratio:.4f}")
     return {"ratio": ratio, "ratio_ci": ratio_ci, "repo_ratio": repo_ratio, "repo_ci": repo_ci,
-            "repo_cpu": repo_cpu, "repo_cpu_ci": repo_cpu_ci, "flop_ratio": flop_ratio, "ceiling": ceiling}
+            "repo_cpu": repo_cpu, "repo_cpu_ci": repo_cpu_ci, "repo_user": repo_user,
+            "repo_user_ci": repo_user_ci, "flop_ratio": flop_ratio, "ceiling": ceiling}
+
+
+def _cpu_times() -> tuple[float, float]:
+    """(user + system, user) CPU seconds this process has used, all threads."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_utime
 
 
 def _paired(num: list[float], den: list[float]) -> tuple[float, tuple[float, float], tuple[float, float]]:
@@ -322,12 +342,13 @@ def main() -> None:
           f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '')!r}")
     results = {name: run_case(name, CASES[name], args.reps, args.burst, args.repo_reps, peak) for name in args.case or CASES}
     print(f"\nmedian of per-round ratios [95% bootstrap interval]\n{'case':12s} {'repo-jax/transformers':>22s} "
-          f"{'at 100% of peak':>16s} {'RePo/RoPE wall':>22s} {'RePo/RoPE CPU':>22s} {'FLOP ratio':>10s}")
+          f"{'at 100% of peak':>16s} {'RePo/RoPE wall':>22s} {'RePo/RoPE CPU':>22s} {'RePo/RoPE user':>22s} "
+          f"{'FLOP ratio':>10s}")
     for name, r in results.items():
-        (lo, hi), (rlo, rhi), (clo, chi) = r["ratio_ci"], r["repo_ci"], r["repo_cpu_ci"]
+        (lo, hi), (rlo, rhi), (clo, chi), (ulo, uhi) = r["ratio_ci"], r["repo_ci"], r["repo_cpu_ci"], r["repo_user_ci"]
         print(f"{name:12s} {r['ratio']:5.2f}x [{lo:.2f}-{hi:.2f}]{'':3s} {r['ceiling']:15.2f}x "
               f"{r['repo_ratio']:7.3f} [{rlo:.3f}-{rhi:.3f}] {r['repo_cpu']:7.3f} [{clo:.3f}-{chi:.3f}] "
-              f"{r['flop_ratio']:10.4f}")
+              f"{r['repo_user']:7.3f} [{ulo:.3f}-{uhi:.3f}] {r['flop_ratio']:10.4f}")
 
 if __name__ == "__main__":
     from repo_jax.host_memory import reexec_with_host_allocator
