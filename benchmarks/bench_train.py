@@ -13,7 +13,7 @@ hit both alike; then, with PyTorch's process stopped, ours with and without RePo
 way for `--repo-reps` rounds of one step each. Prints s/step, tokens/s and MFU from each
 side's best round (FLOP formula in repo_jax/train/flops.py; peak obtained exactly as
 the trainer does, printed), and the ratio to PyTorch and RePo's time over RoPE's as the
-median of the per-round ratios with their range and a 95% bootstrap interval, by wall time
+median of the per-round ratios with their range and a 95% bootstrap interval, by wall time,
 by process CPU time and by user CPU time (the interval: one round strays by +-5-10% on a
 shared VM).
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
