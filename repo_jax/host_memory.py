@@ -20,6 +20,16 @@ Two remedies, both chosen when the process starts:
     zeroes the fresh mapping every step. Set too where jemalloc is preloaded: harmless,
     and glibc's malloc still serves whatever runs before the preload takes effect.
 
+On a VM guest whose balloon device reports free pages to the host (virtio-balloon's
+REPORTING feature; Linux reports free blocks of `page_reporting_order`, 2 MiB here, two
+seconds after they are freed, and the host drops them), huge pages cost something else:
+one step in two or three took 1.5-13 s of system time instead of 0.15-0.4 s for the same
+work, what a fresh buffer landing on blocks the host must back again would cost
+(Firecracker guest, 2 cores; inferred, not traced on the host). With 4 KiB pages the same
+steps were steady at 0.7-1.1 s of system time, and with jemalloc keeping the block at
+0.0-0.2 s; PyTorch's step under the huge-page tunable took 1.3x its time on glibc's
+defaults (benchmarks/bench_train.py). Only jemalloc's way avoids both costs.
+
 Keeping the block in glibc's heap instead (mallopt: one arena, no mmap, no trim) removes
 the faults too, but the heap then fragments and grows by a whole buffer every few dozen
 steps (2.7 -> 6.1 GB in 26 steps), so it is not used. jemalloc keeping every freed page
