@@ -273,11 +273,11 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, repo_bur
     # RePo against RoPE without PyTorch in between: with it, one of the two always ran
     # right after PyTorch's step, and on the vocabulary-bound case the per-round ratio
     # spread over 0.60-1.94 (the memory PyTorch churned through, above). Here too the
-    # first step of a side is not timed: it maps a buffer of the other model's (RePo's
-    # is larger, 1462 vs 1373 MiB on the transformer case), and on a VM guest that
-    # reports free pages to its host the blocks beyond the other's freed buffer wait to be
-    # backed again: 10 of 40 RePo steps over 1 s of system time against 0 of 58 RoPE steps
-    # when every step was timed, a switch a training run, one model, never makes.
+    # first step of a side is not timed: it follows the other model's step, whose freed
+    # buffer is smaller for RoPE (1373 vs 1462 MiB on the transformer case). Timing every
+    # step, 10 of 40 RePo steps and 0 of the 40 RoPE steps of the same rounds took over
+    # 1 s of system time, likely the blocks beyond RoPE's freed buffer waiting for the host
+    # to back them again (repo_jax/host_memory.py): a switch a training run never makes.
     first, first_every = len(walls["repo-jax"]), len(every["repo-jax"])
     rounds(["repo-jax", "repo-jax, RePo layers"], repo_reps, repo_burst, 1)
     best = {k: min(v) for k, v in walls.items()}

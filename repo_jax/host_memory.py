@@ -24,8 +24,9 @@ On a VM guest whose balloon device reports free pages to the host (virtio-balloo
 REPORTING feature; Linux reports free blocks of `page_reporting_order`, 2 MiB here, two
 seconds after they are freed, and the host drops them), huge pages cost something else:
 one step in two or three took 1.5-13 s of system time instead of 0.15-0.4 s for the same
-work, what a fresh buffer landing on blocks the host must back again would cost
-(Firecracker guest, 2 cores; inferred, not traced on the host). With 4 KiB pages the same
+work: the fresh buffer landing on blocks the host must back again (Firecracker guest, 2
+cores; a 3 s pause before each step, past the 2 s delay, made every step pay 2.5-2.9 s
+of system time against 0.11-0.26 s back to back, default case). With 4 KiB pages the same
 steps were steady at 0.7-1.1 s of system time, and with jemalloc keeping the block at
 0.0-0.2 s; PyTorch's step under the huge-page tunable took 1.3x its time on glibc's
 defaults (benchmarks/bench_train.py). Only jemalloc's way avoids both costs.
