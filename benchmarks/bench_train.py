@@ -349,7 +349,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", action="append", choices=sorted(CASES),
                     help="case to run (repeatable; default: all)")
-    ap.add_argument("--reps", type=int, default=5, help="timed rounds (each times every side once)")
+    ap.add_argument("--reps", type=int, default=5, help="rounds against PyTorch (each runs every side in turn)")
     ap.add_argument("--burst", type=int, default=3,
                     help="steps a side runs in a row per round against PyTorch; the best after the first counts")
     ap.add_argument("--repo-reps", type=int, default=14, help="rounds of RePo against RoPE, after the PyTorch rounds")
