@@ -254,21 +254,20 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, repo_bur
     walls = {k: [] for k in sides}
     cpus = {k: [] for k in sides}
     users = {k: [] for k in sides}
-    stalls = {k: [0, 0] for k in sides}  # timed steps with over 1 s of system time, of all
+    stalls = {k: 0 for k in sides}  # timed steps with over 1 s of system time
     every = {k: [] for k in sides}  # every timed step's wall time, stalls included
 
-    def rounds(names: list[str], n: int, steps: int, untimed: int) -> None:
+    def rounds(names: list[str], n: int, steps: int) -> None:
         for r in range(n):
             for k in (names if r % 2 == 0 else names[::-1]):
-                timed = [sides[k]() for _ in range(steps)][untimed:]
+                timed = [sides[k]() for _ in range(steps)][1:]
                 walls[k].append(min(t[0] for t in timed))
                 cpus[k].append(min(t[1] for t in timed))
                 users[k].append(min(t[2] for t in timed))
-                stalls[k][0] += sum(t[1] - t[2] > 1.0 for t in timed)
-                stalls[k][1] += len(timed)
+                stalls[k] += sum(t[1] - t[2] > 1.0 for t in timed)
                 every[k] += [t[0] for t in timed]
 
-    rounds(["repo-jax", "transformers + torch AdamW"], reps, burst, 1)
+    rounds(["repo-jax", "transformers + torch AdamW"], reps, burst)
     stop_torch()
     # RePo against RoPE without PyTorch in between: with it, one of the two always ran
     # right after PyTorch's step, and on the vocabulary-bound case the per-round ratio
@@ -279,7 +278,7 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, repo_bur
     # 1 s of system time, likely the blocks beyond RoPE's freed buffer waiting for the host
     # to back them again (repo_jax/host_memory.py): a switch a training run never makes.
     first, first_every = len(walls["repo-jax"]), len(every["repo-jax"])
-    rounds(["repo-jax", "repo-jax, RePo layers"], repo_reps, repo_burst, 1)
+    rounds(["repo-jax", "repo-jax, RePo layers"], repo_reps, repo_burst)
     best = {k: min(v) for k, v in walls.items()}
     cpu = {k: min(v) for k, v in cpus.items()}
 
@@ -291,7 +290,7 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, repo_bur
     for k, cfg in (("repo-jax", base), ("transformers + torch AdamW", base), ("repo-jax, RePo layers", repo)):
         mfu = flops_per_token(cfg, c.seq) * n_tok / best[k] / peak
         print(f"  {k:28s} {best[k]:8.3f} {cpu[k]:10.3f} {n_tok / best[k]:9.1f} {mfu:6.1%} "
-              f"{stalls[k][0]:>20d} of {stalls[k][1]}")
+              f"{stalls[k]:>20d} of {len(every[k])}")
     ratio, ratio_range, ratio_ci = _paired(walls["transformers + torch AdamW"], walls["repo-jax"][:first])
     # What a run of steps on this host averages, stalls included (the median above is the
     # step's own speed): the stalls come with XLA:CPU's fresh per-step buffer, so they
@@ -318,7 +317,8 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, repo_bur
           f"{repo_range[0]:.3f}-{repo_range[1]:.3f}), {repo_cpu:.3f} CPU (95% CI {repo_cpu_ci[0]:.3f}-"
           f"{repo_cpu_ci[1]:.3f}), {repo_user:.3f} user CPU (95% CI {repo_user_ci[0]:.3f}-{repo_user_ci[1]:.3f}); "
           f"FLOP ratio {flop_ratio:.4f}; mean of every step {repo_mean:.3f}")
-    return {"ratio": ratio, "mean_ratio": mean_ratio, "repo_mean": repo_mean, "ratio_ci": ratio_ci, "repo_ratio": repo_ratio, "repo_ci": repo_ci,
+    return {"ratio": ratio, "mean_ratio": mean_ratio, "repo_mean": repo_mean, "ratio_ci": ratio_ci,
+            "repo_ratio": repo_ratio, "repo_ci": repo_ci,
             "repo_cpu": repo_cpu, "repo_cpu_ci": repo_cpu_ci, "repo_user": repo_user,
             "repo_user_ci": repo_user_ci, "flop_ratio": flop_ratio, "ceiling": ceiling}
 
