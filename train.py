@@ -70,5 +70,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from repo_jax.host_memory import reexec_with_host_allocator
 
-    reexec_with_host_allocator()  # CPU only: huge pages (jemalloc on request) for XLA's buffers
+    reexec_with_host_allocator()  # CPU only: huge pages or jemalloc for XLA's buffers
     sys.exit(main())

@@ -8,13 +8,14 @@ the kernel maps it again one 4 KiB page fault at a time (440,000 faults and 0.7-
 of system time in a 2.6 s step, getrusage in benchmarks/bench_host_memory.py).
 
 Two remedies, both chosen when the process starts:
-  * on request (REPO_JAX_JEMALLOC=1) and where the system has it (Debian/Ubuntu
-    `libjemalloc2`), jemalloc preloaded with `JEMALLOC_CONF`: blocks of `LARGE_BLOCK`
-    and more come from an arena of their own that `keep_large_blocks` tells never to
-    hand freed pages back to the kernel, so the next step gets the same, already mapped
-    and zeroed, buffer: no faults, no zeroing. Smaller blocks keep jemalloc's default
-    purging. Not the default: system time 0.25 -> 0.05 s per step, but 0.95-1.03x the
-    step time and 1.4 GB more resident memory (README, benchmark notes).
+  * on a VM guest that reports free pages (below), or on request (REPO_JAX_JEMALLOC=1;
+    =0 refuses), and where the system has it (Debian/Ubuntu `libjemalloc2`), jemalloc
+    preloaded with `JEMALLOC_CONF`: blocks of `LARGE_BLOCK` and more come from an arena
+    of their own that `keep_large_blocks` tells never to hand freed pages back to the
+    kernel, so the next step gets the same, already mapped and zeroed, buffer: no faults,
+    no zeroing. Smaller blocks keep jemalloc's default purging. Elsewhere not the
+    default: system time 0.25 -> 0.05 s per step, but 0.95-1.03x the step time and
+    1.4 GB more resident memory (README, benchmark notes).
   * by default, glibc's `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35): malloc asks for
     transparent huge pages on those blocks, 512 times fewer faults; the kernel still
     zeroes the fresh mapping every step. Set too where jemalloc is preloaded: harmless,
@@ -29,7 +30,8 @@ cores; a 3 s pause before each step, past the 2 s delay, made every step pay 2.5
 of system time against 0.11-0.26 s back to back, default case). With 4 KiB pages the same
 steps were steady at 0.7-1.1 s of system time, and with jemalloc keeping the block at
 0.0-0.2 s; PyTorch's step under the huge-page tunable took 1.3x its time on glibc's
-defaults (benchmarks/bench_train.py). Only jemalloc's way avoids both costs.
+defaults (benchmarks/bench_train.py). Only jemalloc's way avoids both costs, hence the
+default there (`free_pages_reported`: a virtio balloon that negotiated the feature).
 
 Keeping the block in glibc's heap instead (mallopt: one arena, no mmap, no trim) removes
 the faults too, but the heap then fragments and grows by a whole buffer every few dozen
@@ -43,7 +45,7 @@ Both are read once, when the process starts, hence `reexec_with_host_allocator`:
 entry point calls it first thing, and it restarts the same command line with the
 environment added. It is CPU-only: on TPU and GPU the step's buffers are device memory
 under XLA's own allocator. Opt out of huge pages with GLIBC_TUNABLES=glibc.malloc.hugetlb=0;
-with REPO_JAX_JEMALLOC=1, an LD_PRELOAD or MALLOC_CONF of the user's own is kept as it is.
+wherever jemalloc would be chosen, an LD_PRELOAD or MALLOC_CONF of the user's own is kept as it is.
 """
 from __future__ import annotations
 
@@ -64,6 +66,9 @@ LARGE_BLOCK = 256 << 20
 JEMALLOC_CONF = f"thp:always,oversize_threshold:{LARGE_BLOCK}"
 _OTHER_MALLOCS = ("jemalloc", "tcmalloc", "mimalloc")
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+_VIRTIO_DEVICES = Path("/sys/bus/virtio/devices")
+# virtio spec 5.5: device ID 5 is the memory balloon, feature bit 5 its free page reporting.
+_BALLOON_DEVICE, _REPORTING_BIT = 0x0005, 5
 
 
 def _cpu_platform(environ: Mapping[str, str]) -> bool:
@@ -95,6 +100,20 @@ def _thp_available() -> bool:
         return False
 
 
+def free_pages_reported(devices: Path = _VIRTIO_DEVICES) -> bool:
+    """Whether this Linux guest's balloon device reports free pages to its host (each
+    device's sysfs `features` is a string of bits, bit 0 first, as negotiated)."""
+    try:
+        for device in devices.iterdir():
+            if int((device / "device").read_text(), 16) == _BALLOON_DEVICE:
+                features = (device / "features").read_text().strip()
+                if len(features) > _REPORTING_BIT and features[_REPORTING_BIT] == "1":
+                    return True
+    except (OSError, ValueError):  # no virtio bus (bare metal, another OS), or unreadable
+        return False
+    return False
+
+
 def jemalloc_library() -> str | None:
     """jemalloc 5's shared library as the dynamic loader will find it, or None (an older
     soname has neither `oversize_threshold` nor the decay settings used here)."""
@@ -107,9 +126,15 @@ def _huge_pages_apply(environ: Mapping[str, str]) -> bool:
             and _glibc_has_tunable() and _thp_available())
 
 
+def _jemalloc_wanted(environ: Mapping[str, str]) -> bool:
+    """REPO_JAX_JEMALLOC=1 or 0 decides; unset, jemalloc where freed pages are reported."""
+    choice = environ.get(OPT_IN, "")
+    return choice == "1" or (choice == "" and free_pages_reported())
+
+
 def _jemalloc_applies(environ: Mapping[str, str]) -> bool:
     preload = environ.get("LD_PRELOAD", "")
-    return (environ.get(OPT_IN) == "1" and "MALLOC_CONF" not in environ
+    return (_jemalloc_wanted(environ) and "MALLOC_CONF" not in environ
             and not any(name in preload for name in _OTHER_MALLOCS))
 
 
@@ -172,12 +197,17 @@ def reexec_with_host_allocator() -> None:
     restarted, set up jemalloc's large-block arena (`keep_large_blocks`). Call it before
     anything else in an entry point's `__main__` block: a restart replaces the process
     (same pid, stdin/stdout/stderr kept)."""
+    if os.environ.get(OPT_IN, "") not in ("", "0", "1"):
+        sys.exit(f"error: {OPT_IN}={os.environ[OPT_IN]!r}: set it to 1 (jemalloc for XLA's buffers) "
+                 "or 0 (glibc), or leave it unset (jemalloc on VMs that report free pages to the host)")
     env = host_allocator_env(os.environ)
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    if not keep_large_blocks() and _jemalloc_applies(os.environ) and _cpu_platform(os.environ):
-        # Asked for and not loaded (checked in the final process only, so said once).
+    if not keep_large_blocks() and os.environ.get(OPT_IN) == "1" and _jemalloc_applies(os.environ) \
+            and _cpu_platform(os.environ):
+        # Asked for and not loaded (checked in the final process only, so said once). Where
+        # it was only chosen for this guest, glibc is a fine fallback, and said in the README.
         print(f"warning: {OPT_IN}=1 but no jemalloc 5 (libjemalloc.so.2) found; running on glibc's "
               "malloc (Debian/Ubuntu: apt-get install libjemalloc2)", file=sys.stderr, flush=True)

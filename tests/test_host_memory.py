@@ -33,6 +33,18 @@ def fake_jemalloc(monkeypatch):
     monkeypatch.setattr(host_memory, "jemalloc_library", lambda: "libjemalloc.so.2")
 
 
+@pytest.fixture(params=[False, True], ids=["pages kept", "pages reported"])
+def reporting(request, monkeypatch):
+    """Both kinds of host: one whose balloon reports free pages, and one without."""
+    monkeypatch.setattr(host_memory, "free_pages_reported", lambda: request.param)
+    return request.param
+
+
+@pytest.fixture
+def not_reporting(monkeypatch):
+    monkeypatch.setattr(host_memory, "free_pages_reported", lambda: False)
+
+
 def _clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without the allocator variables, plus `extra`."""
     return {**{k: v for k, v in os.environ.items() if k not in _OWN}, **extra}
@@ -46,6 +58,45 @@ def test_env_adds_the_tunable_and_keeps_the_users(no_jemalloc):
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
+def _virtio(root: Path, name: str, device: str, features: str) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "device").write_text(device + "\n")
+    (root / name / "features").write_text(features + "\n")
+
+
+BITS = "0110010100000000000000000000000010000000"  # a Firecracker balloon: bits 1, 2, 5, 7, 32
+
+
+def test_free_pages_reported_reads_the_balloons_negotiated_features(tmp_path):
+    assert not host_memory.free_pages_reported(tmp_path / "no virtio bus")
+    _virtio(tmp_path, "virtio1", "0x0002", BITS)  # a block device: the same bit means something else
+    assert not host_memory.free_pages_reported(tmp_path)
+    _virtio(tmp_path, "virtio0", "0x0005", BITS[:5] + "0" + BITS[6:])  # balloon without reporting
+    assert not host_memory.free_pages_reported(tmp_path)
+    _virtio(tmp_path, "virtio4", "0x0005", BITS)
+    assert host_memory.free_pages_reported(tmp_path)
+    (tmp_path / "virtio4" / "device").write_text("garbage")
+    assert not host_memory.free_pages_reported(tmp_path)
+
+
+def test_jemalloc_by_default_where_free_pages_are_reported(fake_jemalloc, reporting):
+    environ = {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}  # only jemalloc to add
+    env = host_memory.host_allocator_env(environ)
+    assert (env is not None and env["LD_PRELOAD"] == "libjemalloc.so.2"
+            and env["MALLOC_CONF"] == host_memory.JEMALLOC_CONF) == reporting, env
+    assert host_memory.host_allocator_env({**environ, "REPO_JAX_JEMALLOC": "0"}) is None
+    assert host_memory.host_allocator_env({**environ, "REPO_JAX_JEMALLOC": "1"})["LD_PRELOAD"] == "libjemalloc.so.2"
+
+
+@pytest.mark.parametrize("value", ["yes", "true", " 1"])
+def test_a_misspelt_choice_is_refused(monkeypatch, value):
+    monkeypatch.setenv("REPO_JAX_JEMALLOC", value)
+    monkeypatch.setattr(host_memory.os, "execve", lambda *a: pytest.fail("restarted"))
+    with pytest.raises(SystemExit) as exc:
+        host_memory.reexec_with_host_allocator()
+    assert str(exc.value).startswith(f"error: REPO_JAX_JEMALLOC={value!r}: set it to 1") and "or 0" in str(exc.value)
+
+
 def test_env_preloads_jemalloc_and_keeps_the_users_preload(fake_jemalloc):
     asked = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "REPO_JAX_JEMALLOC": "1"}  # only jemalloc to add
     env = host_memory.host_allocator_env({"JAX_PLATFORMS": "cpu", **asked})
@@ -56,13 +107,13 @@ def test_env_preloads_jemalloc_and_keeps_the_users_preload(fake_jemalloc):
 
 
 @pytest.mark.parametrize("users", [
-    {},  # not asked for: the default
+    {},  # not asked for, on a host that keeps free pages: the default
     {"REPO_JAX_JEMALLOC": "0"},
     {"REPO_JAX_JEMALLOC": "1", "MALLOC_CONF": "narenas:1"},  # the user's own jemalloc settings
     {"REPO_JAX_JEMALLOC": "1", "LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"},  # another allocator
     {"REPO_JAX_JEMALLOC": "1", "LD_PRELOAD": "/usr/lib/libjemalloc.so.2"},  # jemalloc by its own path
 ])
-def test_jemalloc_left_to_the_user(fake_jemalloc, users):
+def test_jemalloc_left_to_the_user(fake_jemalloc, not_reporting, users):
     environ = {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", **users}
     assert host_memory.host_allocator_env(environ) is None
 
@@ -76,7 +127,7 @@ def test_jemalloc_left_to_the_user(fake_jemalloc, users):
     {"JAX_PLATFORMS": "cuda,cpu", "REPO_JAX_JEMALLOC": "1"},
     {"JAX_PLATFORM_NAME": "tpu", "REPO_JAX_JEMALLOC": "1"},
 ])
-def test_no_restart(fake_jemalloc, environ):
+def test_no_restart(fake_jemalloc, not_reporting, environ):
     assert host_memory.host_allocator_env(environ) is None
 
 
@@ -88,7 +139,8 @@ def test_accelerator_plugin_means_no_restart(fake_jemalloc, monkeypatch):
 
 
 @pytest.mark.parametrize("asked", [False, True])
-def test_jemalloc_asked_for_but_missing_is_said(monkeypatch, capsys, no_jemalloc, asked):
+def test_jemalloc_asked_for_but_missing_is_said(monkeypatch, capsys, no_jemalloc, reporting, asked):
+    """Only an explicit REPO_JAX_JEMALLOC=1 warns; chosen for the host, glibc is the quiet fallback."""
     for key in _OWN:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -105,8 +157,10 @@ def test_jemalloc_asked_for_but_missing_is_said(monkeypatch, capsys, no_jemalloc
     assert ("REPO_JAX_JEMALLOC=1 but no jemalloc 5" in err and "apt-get install libjemalloc2" in err) == asked, err
 
 
-@pytest.mark.parametrize("asked", [False, True])
-def test_reexec_keeps_the_command_line_and_loads_jemalloc_on_request(tmp_path, asked):
+@pytest.mark.parametrize("choice", ["0", "1", ""])
+def test_reexec_keeps_the_command_line_and_loads_jemalloc_where_chosen(tmp_path, choice):
+    """On this host as it is: "" (unset) chooses jemalloc where its balloon reports free pages."""
+    asked = choice == "1" or (choice == "" and host_memory.free_pages_reported())
     if not (HUGE or (asked and JEMALLOC)):
         pytest.skip("nothing for host_memory to set on this host")
     script = tmp_path / "entry.py"
@@ -122,7 +176,7 @@ def test_reexec_keeps_the_command_line_and_loads_jemalloc_on_request(tmp_path, a
         sys.exit(3)
     """))
     out = subprocess.run([sys.executable, "-u", str(script), "a b", "--flag"], capture_output=True, text=True,
-                         env=_clean_env(JAX_PLATFORMS="cpu", **({"REPO_JAX_JEMALLOC": "1"} if asked else {})))
+                         env=_clean_env(JAX_PLATFORMS="cpu", **({"REPO_JAX_JEMALLOC": choice} if choice else {})))
     assert out.returncode == 3, out.stderr
     lines = out.stdout.splitlines()
     assert lines[:2] == ["before", "before"]  # ran twice: once as started, once restarted
