@@ -208,6 +208,7 @@ def reexec_with_host_allocator() -> None:
     if not keep_large_blocks() and os.environ.get(OPT_IN) == "1" and _jemalloc_applies(os.environ) \
             and _cpu_platform(os.environ):
         # Asked for and not loaded (checked in the final process only, so said once). Where
-        # it was only chosen for this guest, glibc is a fine fallback, and said in the README.
+        # only this guest chose it, glibc stays as it was before that choice existed, quietly
+        # (the README says to install it): no new line on every CPU run's stderr.
         print(f"warning: {OPT_IN}=1 but no jemalloc 5 (libjemalloc.so.2) found; running on glibc's "
               "malloc (Debian/Ubuntu: apt-get install libjemalloc2)", file=sys.stderr, flush=True)
