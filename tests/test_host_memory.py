@@ -33,7 +33,7 @@ def fake_jemalloc(monkeypatch):
     monkeypatch.setattr(host_memory, "jemalloc_library", lambda: "libjemalloc.so.2")
 
 
-@pytest.fixture(params=[False, True], ids=["pages kept", "pages reported"])
+@pytest.fixture(params=[False, True], ids=["no reporting", "pages reported"])
 def reporting(request, monkeypatch):
     """Both kinds of host: one whose balloon reports free pages, and one without."""
     monkeypatch.setattr(host_memory, "free_pages_reported", lambda: request.param)
