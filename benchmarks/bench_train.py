@@ -9,16 +9,17 @@ For each named case, on the same token batch and the same starting weights, floa
   * our step with RePo layers (upstream has no RePo).
 Ours and PyTorch's are timed interleaved (each in turn runs `--burst` steps, the first
 untimed and the best of the rest counted, `--reps` rounds, the order reversed every other
-round) so that load and drift hit both alike; then, with PyTorch's process stopped, ours
-with and without RePo the same way for `--repo-reps` rounds of `--repo-burst` steps.
-Within a round the best step counts because on this VM one step in two or three can take
-seconds of system time for the same work (repo_jax/host_memory.py). Prints s/step,
+round) so that load and drift hit both alike, and within a round the best step counts
+because on this VM one step in two or three could take seconds of system time for the
+same work (repo_jax/host_memory.py). Then, with PyTorch's process stopped, ours with and
+without RePo in `--repo-reps` blocks of single steps (RoPE, RePo, RePo, RoPE), each RePo
+step's time over its neighbouring RoPE step's. Prints s/step,
 tokens/s and MFU from each side's best round (FLOP formula in repo_jax/train/flops.py;
 peak obtained exactly as the trainer does, printed), how many timed steps stalled, and
-the ratio to PyTorch and RePo's time over RoPE's as the median of the per-round ratios
-with their range and a 95% bootstrap interval, by wall time, by process CPU time and by
-user CPU time (the interval: one round strays by +-5-10% on a shared VM), and next to
-them the ratio of the means of every timed step, stalls included.
+the ratio to PyTorch and RePo's time over RoPE's as the median of the per-round (per-pair)
+ratios with their range and a 95% bootstrap interval, RePo / RoPE by wall time, by
+process CPU time and by user CPU time (the interval: one ratio strays by +-5-10% on a
+shared VM), and next to them the ratio of the means of every timed step, stalls included.
 
     python -m benchmarks.bench_train                       # every case
     python -m benchmarks.bench_train --case long --reps 9  # one case, more rounds
@@ -183,8 +184,7 @@ def _glibc_env():
                 os.environ[k] = v
 
 
-def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, repo_burst: int,
-             peak: float) -> dict:
+def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, peak: float) -> dict:
     import multiprocessing
 
     import numpy as np
@@ -253,7 +253,6 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, repo_bur
     # guest's pages again, repo_jax/host_memory.py), one step in two or three, either side.
     walls = {k: [] for k in sides}
     cpus = {k: [] for k in sides}
-    users = {k: [] for k in sides}
     stalls = {k: 0 for k in sides}  # timed steps with over 1 s of system time
     every = {k: [] for k in sides}  # every timed step's wall time, stalls included
 
@@ -263,22 +262,36 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, repo_bur
                 timed = [sides[k]() for _ in range(steps)][1:]
                 walls[k].append(min(t[0] for t in timed))
                 cpus[k].append(min(t[1] for t in timed))
-                users[k].append(min(t[2] for t in timed))
                 stalls[k] += sum(t[1] - t[2] > 1.0 for t in timed)
                 every[k] += [t[0] for t in timed]
 
     rounds(["repo-jax", "transformers + torch AdamW"], reps, burst)
     stop_torch()
-    # RePo against RoPE without PyTorch in between: with it, one of the two always ran
-    # right after PyTorch's step, and on the vocabulary-bound case the per-round ratio
-    # spread over 0.60-1.94 (the memory PyTorch churned through, above). Here too the
-    # first step of a side is not timed: it follows the other model's step, whose freed
-    # buffer is smaller for RoPE (1373 vs 1462 MiB on the transformer case). Timing every
-    # step, 10 of 40 RePo steps and 0 of the 40 RoPE steps of the same rounds took over
-    # 1 s of system time, likely the blocks beyond RoPE's freed buffer waiting for the host
-    # to back them again (repo_jax/host_memory.py): a switch a training run never makes.
-    first, first_every = len(walls["repo-jax"]), len(every["repo-jax"])
-    rounds(["repo-jax", "repo-jax, RePo layers"], repo_reps, repo_burst)
+    # RePo against RoPE, PyTorch's process stopped (with it, one of the two always ran right
+    # after PyTorch's step, and on the vocabulary-bound case the per-round ratio spread over
+    # 0.60-1.94: the memory PyTorch churned through). Single steps in ABBA blocks (RoPE,
+    # RePo, RePo, RoPE), every step timed, each RePo step paired with the RoPE step next to
+    # it: the host's speed drifts over seconds, and two neighbouring steps share most of
+    # it. On the transformer case, 30 blocks, the median of those pair ratios had a 95%
+    # interval 2.8% wide, against 3.7-5.1% for the per-block ratio of sums or of bests and
+    # for the ratio of the medians or means of all steps (one run, resampled by blocks);
+    # 10 rounds of best-of-two bursts, the old method, gave intervals 8-17% wide. The
+    # first step after a switch counts too: with jemalloc keeping the step's buffer
+    # (repo_jax/host_memory.py) it pays no more system time than the next one (median
+    # 0.03 s either way).
+    first, first_every = len(walls["repo-jax"]), len(every["repo-jax"])  # where the RePo phase starts
+    for k in ("repo-jax", "repo-jax, RePo layers"):
+        sides[k]()  # not timed: the first step after PyTorch's pays for the memory it churned
+    pairs = []  # per block: [[wall, cpu, user] RePo / RoPE for each of its two pairs]
+    for _ in range(repo_reps):
+        block = [(k, sides[k]()) for k in ("repo-jax", "repo-jax, RePo layers", "repo-jax, RePo layers", "repo-jax")]
+        for k, t in block:
+            walls[k].append(t[0])
+            cpus[k].append(t[1])
+            stalls[k] += t[1] - t[2] > 1.0
+            every[k].append(t[0])
+        pairs.append([[repo_t / rope_t for repo_t, rope_t in zip(block[j][1], block[i][1])]
+                      for i, j in ((0, 1), (3, 2))])
     best = {k: min(v) for k, v in walls.items()}
     cpu = {k: min(v) for k, v in cpus.items()}
 
@@ -291,15 +304,17 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, repo_bur
         mfu = flops_per_token(cfg, c.seq) * n_tok / best[k] / peak
         print(f"  {k:28s} {best[k]:8.3f} {cpu[k]:10.3f} {n_tok / best[k]:9.1f} {mfu:6.1%} "
               f"{stalls[k]:>20d} of {len(every[k])}")
-    ratio, ratio_range, ratio_ci = _paired(walls["transformers + torch AdamW"], walls["repo-jax"][:first])
+    ratio, ratio_range, ratio_ci = _median_ci(np.asarray(walls["transformers + torch AdamW"])
+                                              / np.asarray(walls["repo-jax"][:first]))
     # What a run of steps on this host averages, stalls included (the median above is the
     # step's own speed): the stalls come with XLA:CPU's fresh per-step buffer, so they
     # are part of what a user of this VM sees.
     mean_ratio = np.mean(every["transformers + torch AdamW"]) / np.mean(every["repo-jax"][:first_every])
     repo_mean = np.mean(every["repo-jax, RePo layers"]) / np.mean(every["repo-jax"][first_every:])
-    repo_ratio, repo_range, repo_ci = _paired(walls["repo-jax, RePo layers"], walls["repo-jax"][first:])
-    repo_cpu, _, repo_cpu_ci = _paired(cpus["repo-jax, RePo layers"], cpus["repo-jax"][first:])
-    repo_user, _, repo_user_ci = _paired(users["repo-jax, RePo layers"], users["repo-jax"][first:])
+    pairs = np.asarray(pairs)  # [block, pair, wall/cpu/user]
+    repo_ratio, repo_range, repo_ci = _median_ci(pairs[..., 0])
+    repo_cpu, _, repo_cpu_ci = _median_ci(pairs[..., 1])
+    repo_user, _, repo_user_ci = _median_ci(pairs[..., 2])
     flop_ratio = flops_per_token(repo, c.seq) / flops_per_token(base, c.seq)
     # Process CPU time is what the step itself consumed: on a loaded host wall time also
     # counts the time the scheduler gave to other processes (torch's OpenMP workers also
@@ -313,7 +328,7 @@ def run_case(name: str, c: Case, reps: int, burst: int, repo_reps: int, repo_bur
           f"mean of every timed step, stalls included: {mean_ratio:.2f}x")
     # User CPU time is the step's own computation. The rest of process CPU time is the
     # kernel's, mostly mapping and zeroing the step's fresh temporary buffer (the stalls).
-    print(f"  RePo / RoPE step time: {repo_ratio:.3f} wall (95% CI {repo_ci[0]:.3f}-{repo_ci[1]:.3f}, rounds "
+    print(f"  RePo / RoPE step time: {repo_ratio:.3f} wall (95% CI {repo_ci[0]:.3f}-{repo_ci[1]:.3f}, pairs "
           f"{repo_range[0]:.3f}-{repo_range[1]:.3f}), {repo_cpu:.3f} CPU (95% CI {repo_cpu_ci[0]:.3f}-"
           f"{repo_cpu_ci[1]:.3f}), {repo_user:.3f} user CPU (95% CI {repo_user_ci[0]:.3f}-{repo_user_ci[1]:.3f}); "
           f"FLOP ratio {flop_ratio:.4f}; mean of every step {repo_mean:.3f}")
@@ -331,17 +346,18 @@ def _cpu_times() -> tuple[float, float]:
     return r.ru_utime + r.ru_stime, r.ru_utime
 
 
-def _paired(num: list[float], den: list[float]) -> tuple[float, tuple[float, float], tuple[float, float]]:
-    """Median of the per-round ratios num[r] / den[r], their range, and a 95% bootstrap
-    interval of that median (rounds resampled with replacement, fixed seed). On this
-    kind of host one round's ratio strays by +-5-10% (the host's speed changes within a
-    step, in CPU time as much as in wall time), so a median of 20 rounds is itself only
-    good to about +-2%: the interval says how far a figure can be read."""
+def _median_ci(ratios) -> tuple[float, tuple[float, float], tuple[float, float]]:
+    """Median of `ratios` ([round] or [block, pair]), their range, and a 95% bootstrap
+    interval of that median (rounds or blocks resampled with replacement, fixed seed:
+    a block's pairs share its stretch of host speed, so they are drawn together). On
+    this kind of host one ratio strays by +-5-10% (the host's speed changes within a
+    step, in CPU time as much as in wall time): the interval says how far a figure can be
+    read."""
     import numpy as np
 
-    ratios = np.asarray(num) / np.asarray(den)
-    resampled = np.random.default_rng(0).choice(ratios, size=(4000, len(ratios)))
-    lo, hi = np.percentile(np.median(resampled, axis=1), [2.5, 97.5])
+    ratios = np.asarray(ratios, dtype=float)
+    draws = np.random.default_rng(0).integers(0, len(ratios), size=(4000, len(ratios)))
+    lo, hi = np.percentile(np.median(ratios[draws].reshape(4000, -1), axis=1), [2.5, 97.5])
     return float(np.median(ratios)), (float(ratios.min()), float(ratios.max())), (float(lo), float(hi))
 
 
@@ -352,12 +368,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="rounds against PyTorch (each runs every side in turn)")
     ap.add_argument("--burst", type=int, default=3,
                     help="steps a side runs in a row per round against PyTorch; the best after the first counts")
-    ap.add_argument("--repo-reps", type=int, default=14, help="rounds of RePo against RoPE, after the PyTorch rounds")
-    ap.add_argument("--repo-burst", type=int, default=3,
-                    help="steps a side runs in a row per RePo/RoPE round; the best after the first counts")
+    ap.add_argument("--repo-reps", type=int, default=30,
+                    help="blocks of RePo against RoPE after the PyTorch rounds (RoPE, RePo, RePo, RoPE; one step each)")
     args = ap.parse_args()
-    if min(args.burst, args.repo_burst) < 2 or min(args.reps, args.repo_reps) < 1:
-        ap.error("--burst and --repo-burst need at least 2 steps (the first is not timed), "
+    if args.burst < 2 or min(args.reps, args.repo_reps) < 1:
+        ap.error("--burst needs at least 2 steps (the first is not timed), "
                  "--reps and --repo-reps at least 1")
 
     import jax
@@ -368,12 +383,12 @@ def main() -> None:
     print(f"float32 on {os.cpu_count()} CPU cores ({jax.default_backend()}); "
           f"peak {peak / 1e9:.1f} GFLOP/s ({how}); {args.reps} interleaved rounds against PyTorch, "
           f"{args.burst} steps per side per round, the best after the first counted; "
-          f"{args.repo_reps} of RePo against RoPE, {args.repo_burst} steps, the same way; "
+          f"{args.repo_reps} blocks of RePo against RoPE (RoPE, RePo, RePo, RoPE; every step timed); "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, "
           f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '')!r}")
     results = {name: run_case(name, CASES[name], args.reps, args.burst, args.repo_reps,
-                                   args.repo_burst, peak) for name in args.case or CASES}
-    print(f"\nmedian of per-round ratios [95% bootstrap interval]\n{'case':12s} {'repo-jax/transformers':>22s} "
+                                   peak) for name in args.case or CASES}
+    print(f"\nmedian of per-round (RePo/RoPE: per-pair) ratios [95% bootstrap interval]\n{'case':12s} {'repo-jax/transformers':>22s} "
           f"{'at 100% of peak':>16s} {'RePo/RoPE wall':>22s} {'RePo/RoPE CPU':>22s} {'RePo/RoPE user':>22s} "
           f"{'FLOP ratio':>10s} {'means: vs torch':>15s} {'RePo/RoPE':>9s}")
     for name, r in results.items():

@@ -11,8 +11,8 @@ instruction and its kind and shape. Compilation is done before tracing starts.
 alternation and prints the ops that only the RePo step has (by fusion kind and output
 shape, summed over threads) and the ops it runs more often: RePo's own cost, op by op,
 which whole-step wall times on a shared VM (+-3% between identical runs) cannot show.
-Ops whose kind and shape the RoPE step also has are listed apart, at their average
-cost, which is only a bound for RePo's extra calls of them.
+Matmuls are keyed by their operand shapes too. Ops whose key the RoPE step also has are
+listed apart, at their average cost, which is only a bound for RePo's extra calls of them.
 """
 from __future__ import annotations
 
@@ -35,13 +35,21 @@ def _compiled(case: str, repo: bool):
     tokens = np.random.default_rng(0).integers(0, c.vocab, (c.batch, c.seq)).astype(np.int32)
     step, state, batch = jax_train_step(model_config(c, repo), tokens, OptimizerConfig(lr=1e-3), 1e-5)
     compiled = step.lower(state[0], batch).compile()
-    kinds = {}
+    kinds, shapes = {}, {}
     for line in compiled.as_text().splitlines():
         # A tuple-shaped result (multi-output fusions, conditionals) has spaces in its shape.
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\(", line)
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\(([^()]*)\)", line)
+        if not m:
+            continue
+        shapes[m.group(1)] = m.group(2)
         # A conditional's or loop's event spans the ops inside it, which have their own.
-        if m and m.group(3) not in ("conditional", "while", "call"):
+        if m.group(3) not in ("conditional", "while", "call"):
             kinds[m.group(1)] = f"{m.group(3)} {m.group(2)[:48]}"
+            # Matmuls are told apart by their operands too: f_phi's input gradient has the
+            # output shape of the model's own [B*T, d] dots but a K of d/4.
+            if m.group(3) == "dot" or "ynn" in m.group(1):
+                operands = [shapes.get(o, "?") for o in re.findall(r"%([\w.\-]+)", m.group(4))]
+                kinds[m.group(1)] += f" <- {', '.join(operands)}"
     state[0], metrics = compiled(state[0], batch)  # the first call's set-up, outside the trace
     float(metrics["loss"])
     return compiled, state, batch, kinds, compiled.cost_analysis()
