@@ -12,7 +12,9 @@ alternation and prints the ops that only the RePo step has (by fusion kind and o
 shape, summed over threads) and the ops it runs more often: RePo's own cost, op by op,
 which whole-step wall times on a shared VM (+-3% between identical runs) cannot show.
 Matmuls are keyed by their operand shapes too. Ops whose key the RoPE step also has are
-listed apart, at their average cost, which is only a bound for RePo's extra calls of them.
+listed apart, at their average cost, which is only a bound for RePo's extra calls of them;
+then the shared ops whose time differs most, which on a shared VM is mostly the host's
+speed between the two steps (their sum is printed to show how much).
 """
 from __future__ import annotations
 
@@ -129,6 +131,13 @@ def _vs_rope(a) -> None:
     print("ops both have, run more often by RePo (extra calls at the average cost of all calls):")
     for s, t in sorted(more.items(), key=lambda kv: -kv[1])[:a.top]:
         print(f"{t:9.1f} ms +{(n1[s] - n0[s]) // a.steps:<3d} {s}")
+    # Same key and calls, but RePo's version can read more: a RePo layer's rotation takes
+    # per-head tables. Noisy op by op (the host's speed), so only the largest are shown.
+    slower = {s: ms1[s] - ms0[s] for s in ms1 if s in ms0 and n1[s] == n0[s]}
+    print(f"ops both have as often, largest differences in time (RePo - RoPE; all such ops: "
+          f"{sum(slower.values()):+.1f} ms):")
+    for s, t in sorted(slower.items(), key=lambda kv: -abs(kv[1]))[:a.top]:
+        print(f"{t:+9.1f} ms x{n1[s] // a.steps:<3d} {s}  (RoPE {ms0[s]:.1f} ms)")
 
 
 def main() -> None:
