@@ -124,6 +124,12 @@ def _vs_rope(a) -> None:
     more = {s: ms1[s] / n1[s] * (n1[s] - n0[s]) for s in ms1 if s in ms0 and n1[s] > n0[s]}
     print(f"{a.case}: op time per step summed over threads, RoPE {rope_total:.0f} ms, "
           f"RePo {sum(ms1.values()):.0f} ms ({a.steps} profiled steps each, alternating)")
+    # What XLA's cost model expects: where the extra bytes outgrow the extra FLOPs, the
+    # memory-bound ops (RePo layers' rotations read per-head tables) cost more than the FLOP ratio says.
+    (c0, c1) = (sides[False][4], sides[True][4])
+    print(f"cost_analysis, RePo / RoPE: FLOPs {c1.get('flops', 0) / c0.get('flops', 1):.4f}, "
+          f"bytes accessed {c1.get('bytes accessed', 0) / c0.get('bytes accessed', 1):.4f}, "
+          f"transcendentals {c1.get('transcendentals', 0) / max(c0.get('transcendentals', 0), 1):.4f}")
     print("ops only the RePo step has (ms per step, calls per step, kind and shape):")
     for s, t in sorted(own.items(), key=lambda kv: -kv[1])[:a.top]:
         print(f"{t:9.1f} ms x{n1[s] // a.steps:<3d} {s}")
