@@ -18,7 +18,7 @@ from flax import nnx
 from repo_jax.attention import attend
 from repo_jax.config import ModelConfig
 from repo_jax.linear import FlatLinear, copied_grad_dot_general
-from repo_jax.rope import apply_rope
+from repo_jax.rope import apply_rope_qk
 from repo_jax.sharding import constrain
 
 # Logical axes of the hidden states [B, T, d] between blocks (see repo_jax.sharding).
@@ -128,7 +128,7 @@ class Attention(nnx.Module):
             # Positions per token and head [B, T, H] on RePo layers, per token [B, T, 1]
             # otherwise (one cos/sin table for all heads).
             positions = ctx.positions[:, :, None] if z is None else z
-            q_rot, k_rot = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
+            q_rot, k_rot = apply_rope_qk(q, k, positions, cfg)
             q = q_rot if rotate is True else jnp.where(rotate, q_rot, q)
             k = k_rot if rotate is True else jnp.where(rotate, k_rot, k)
         if cache is not None:

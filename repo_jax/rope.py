@@ -56,6 +56,18 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, cfg: ModelConfig) -> jnp.
     return rotate(x, positions, tuple(float(f) for f in inv_freq), scale)
 
 
+def apply_rope_qk(q: jnp.ndarray, k: jnp.ndarray, positions: jnp.ndarray,
+                  cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(`apply_rope(q, ...)`, `apply_rope(k, ...)`) by the same positions, in one call: on
+    XLA:CPU the two rotations share one cos/sin table and their d(position) is one sum."""
+    inv_freq, scale = inv_frequencies(cfg)
+    inv_freq = tuple(float(f) for f in inv_freq)
+    return jax.lax.platform_dependent(
+        q, k, positions.astype(jnp.float32),
+        cpu=lambda q, k, p: _rotate_qk_cpu(q, k, p, inv_freq, scale),
+        default=lambda q, k, p: (_rotate_plain(q, p, inv_freq, scale), _rotate_plain(k, p, inv_freq, scale)))
+
+
 def rotate(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: tuple[float, ...], scale: float) -> jnp.ndarray:
     """`apply_rope` with explicit half-width frequencies [head_dim / 2] and cos/sin scale,
     in float32; returns x's dtype. Half width: both halves of a head rotate by the same
@@ -161,29 +173,70 @@ def _rotate_fwd(x, positions, inv_freq, scale):
 
 def _rotate_bwd(inv_freq, scale, residuals, g):
     out, cos, sin = residuals
-    g = g.astype(jnp.float32)
-    g1, g2 = jnp.split(g, 2, axis=-1)
-    dx = jnp.concatenate([g1 * cos + g2 * sin, g2 * cos - g1 * sin], axis=-1).astype(out.dtype)
-    # d(position) = sum_i f_i (g2_i out1_i - g1_i out2_i), summed as g times a reversed
-    # view of the output: a slice of the output's concatenate is the operand that fed it,
-    # so a half-width form made the forward write the output's halves as arrays of their
-    # own and copy them again into the output. The sum is a two-operand reduction (the
-    # same product twice): XLA:CPU hands one-operand sums to a library kernel that reads
-    # whole arrays only, for which the reversed view was written out as an array and the
-    # [-f, f] factor broadcast to one (41 ms of the repo-heavy case's step, 14 sums);
-    # XLA's own emitter takes the two-operand form and reads g and the output in place
-    # (9.5 ms; benchmarks/profile_train_step.py --vs-rope).
+    return _unrotate(g, cos, sin, out.dtype), _position_grad(((g, out),), inv_freq, cos.shape[:-1])
+
+
+def _unrotate(g, cos, sin, dtype):
+    """The input gradient of a rotation: g rotated back."""
+    g1, g2 = jnp.split(g.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([g1 * cos + g2 * sin, g2 * cos - g1 * sin], axis=-1).astype(dtype)
+
+
+def _position_grad(grads_and_outputs, inv_freq, shape):
+    """d(position) of rotations by the same positions (of `shape`), from each one's output
+    gradient g and output: sum_i f_i (g2_i out1_i - g1_i out2_i), summed over them.
+
+    Summed as g times a reversed view of the output: a slice of the output's concatenate
+    is the operand that fed it, so a half-width form made the forward write the output's
+    halves as arrays of their own and copy them again into the output. The sum is a
+    two-operand reduction (the same product twice): XLA:CPU hands one-operand sums to a
+    library kernel that reads whole arrays only, for which the reversed view was written
+    out as an array and the [-f, f] factor broadcast to one (41 ms of the repo-heavy
+    case's step, 14 sums); XLA's own emitter takes the two-operand form and reads g and
+    the output in place (9.5 ms; benchmarks/profile_train_step.py --vs-rope). Rotations
+    of one shape (q and k of a RePo layer) are summed in one reduction."""
     f = jnp.asarray(inv_freq, jnp.float32)
-    pairs = out.astype(jnp.float32).reshape(*out.shape[:-1], 2, -1)[..., ::-1, :]  # [out2, out1]
-    prod = g.reshape(pairs.shape) * pairs * jnp.stack([-f, f])
+    prods = []
+    for g, out in grads_and_outputs:
+        pairs = out.astype(jnp.float32).reshape(*out.shape[:-1], 2, -1)[..., ::-1, :]  # [out2, out1]
+        prods.append(g.astype(jnp.float32).reshape(pairs.shape) * pairs * jnp.stack([-f, f]))
+    if len({p.shape for p in prods}) == 1:
+        prods = [sum(prods[1:], prods[0])]
+    return sum((_sum_to(p, shape) for p in prods[1:]), _sum_to(prods[0], shape))
+
+
+def _sum_to(prod, shape):
+    """[..., 2, head_dim / 2] products -> their sum over the last two dims, reduced to the
+    positions' `shape` (positions broadcast against x get those dims summed)."""
     sums = jax.lax.reduce((prod, prod), (np.float32(0), np.float32(0)),
                           lambda a, b: (a[0] + b[0], a[1] + b[1]), (prod.ndim - 2, prod.ndim - 1))
     d_pos = (sums[0] + sums[1]) * 0.5  # both sums used, or XLA drops the second operand
-    # Positions broadcast against x (one per token for all heads) get those dims summed.
-    shape = cos.shape[:-1]
     d_pos = jnp.sum(d_pos, axis=tuple(range(d_pos.ndim - len(shape))))
     shared = tuple(i for i, (p, n) in enumerate(zip(shape, d_pos.shape)) if p == 1 and n != 1)
-    return dx, jnp.sum(d_pos, axis=shared, keepdims=True)
+    return jnp.sum(d_pos, axis=shared, keepdims=True)
 
 
 _rotate_cpu.defvjp(_rotate_fwd, _rotate_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _rotate_qk_cpu(q, k, positions, inv_freq, scale):
+    """`_rotate_cpu` of q and of k, with one table and one d(position) sum for both."""
+    return _rotate_qk_fwd(q, k, positions, inv_freq, scale)[0]
+
+
+def _rotate_qk_fwd(q, k, positions, inv_freq, scale):
+    cos, sin = _cpu_tables(positions, inv_freq, scale)
+    out_q = _rotate(q.astype(jnp.float32), cos, sin).astype(q.dtype)
+    out_k = _rotate(k.astype(jnp.float32), cos, sin).astype(k.dtype)
+    return (out_q, out_k), (out_q, out_k, cos, sin)
+
+
+def _rotate_qk_bwd(inv_freq, scale, residuals, g):
+    out_q, out_k, cos, sin = residuals
+    g_q, g_k = g
+    d_pos = _position_grad(((g_q, out_q), (g_k, out_k)), inv_freq, cos.shape[:-1])
+    return _unrotate(g_q, cos, sin, out_q.dtype), _unrotate(g_k, cos, sin, out_k.dtype), d_pos
+
+
+_rotate_qk_cpu.defvjp(_rotate_qk_fwd, _rotate_qk_bwd)

@@ -12,7 +12,8 @@ from flax import nnx
 
 import repo_jax as rj
 
-from repo_jax.rope import SINCOS_LIMIT, _cpu_tables, _rotate_cpu, _sincos, rotate
+from repo_jax.rope import (SINCOS_LIMIT, _cpu_tables, _rotate_cpu, _rotate_qk_cpu, _sincos, apply_rope,
+                           apply_rope_qk, rotate)
 from tests._grad_utils import assert_grads_match
 from tests.conftest import SMALL
 
@@ -52,6 +53,63 @@ class ApplyRopeGradTest(parameterized.TestCase):
         got = [*self.variant(jax.grad(loss(rotate), argnums=(0, 1)))(x, positions),
                *self.variant(jax.grad(loss(_rotate_cpu), argnums=(0, 1)))(x, positions)]
         assert_grads_match(got, [*want, *want], tol)
+
+
+class RotateQKTest(parameterized.TestCase):
+    """q and k rotated in one call (one table, one d(position) sum on the CPU)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("per_head", 3, (2, 6, 3)),   # RePo: q and k of one shape, summed in one reduction
+        ("shared", 3, (2, 6, 1)),
+        ("grouped_kv", 1, (2, 6, 1)),  # k with fewer heads: a sum per shape
+    )
+    def test_matches_autodiff(self, kv_heads, pos_shape):
+        rng = np.random.default_rng(1)
+        q = jnp.asarray(rng.standard_normal((2, 6, 3, 8)), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((2, 6, kv_heads, 8)), jnp.float32)
+        positions = jnp.asarray(rng.uniform(-50, 50, pos_shape), jnp.float32)
+        wq, wk = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k))
+
+        def loss(q, k, p, pair):
+            out_q, out_k = pair(q, k, p)
+            return jnp.sum(jnp.sin(out_q) * wq) + jnp.sum(jnp.cos(out_k) * wk)
+
+        def separate(q, k, p):
+            return _plain(q, p, INV_FREQ, 1.3), _plain(k, p, INV_FREQ, 1.3)
+
+        def joint(q, k, p):
+            return _rotate_qk_cpu(q, k, p, INV_FREQ, 1.3)
+
+        for got, want in zip(self.variant(joint)(q, k, positions), separate(q, k, positions)):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        want = jax.grad(loss, argnums=(0, 1, 2))(q, k, positions, separate)
+        got = self.variant(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(q, k, positions, joint)
+        assert_grads_match(got, want, 1e-5)
+
+
+def test_apply_rope_qk_is_apply_rope_twice():
+    """The model's call: the model's frequencies and YaRN scale, values and gradients
+    as two `apply_rope` calls give them."""
+    cfg = rj.ModelConfig(**SMALL).replace(rope_scaling_factor=4.0)
+    rng = np.random.default_rng(2)
+    q, k = (jnp.asarray(rng.standard_normal((2, 5, cfg.num_attention_heads, cfg.head_dim)), jnp.float32)
+            for _ in range(2))
+    positions = jnp.asarray(rng.uniform(0, 300, (2, 5, cfg.num_attention_heads)), jnp.float32)
+
+    def loss(pair):
+        return lambda q, k, p: sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(pair(q, k, p)))
+
+    def twice(q, k, p):
+        return apply_rope(q, p, cfg), apply_rope(k, p, cfg)
+
+    def joint(q, k, p):
+        return apply_rope_qk(q, k, p, cfg)
+
+    for got, want in zip(jax.jit(joint)(q, k, positions), twice(q, k, positions)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    want = jax.grad(loss(twice), argnums=(0, 1, 2))(q, k, positions)
+    assert_grads_match(jax.jit(jax.grad(loss(joint), argnums=(0, 1, 2)))(q, k, positions), want, 1e-5)
 
 
 def test_repo_rotation_gradient_writes_no_half_width_arrays():
