@@ -64,7 +64,7 @@ def apply_rope_qk(q: jnp.ndarray, k: jnp.ndarray, positions: jnp.ndarray,
     inv_freq = tuple(float(f) for f in inv_freq)
     return jax.lax.platform_dependent(
         q, k, positions.astype(jnp.float32),
-        cpu=lambda q, k, p: _rotate_qk_cpu(q, k, p, inv_freq, scale),
+        cpu=lambda q, k, p: _rotate_cpu((q, k), p, inv_freq, scale),
         default=lambda q, k, p: (_rotate_plain(q, p, inv_freq, scale), _rotate_plain(k, p, inv_freq, scale)))
 
 
@@ -76,7 +76,7 @@ def rotate(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: tuple[float, ...], 
     On CPU the gradient is hand-written (`_rotate_cpu`); other platforms differentiate
     the plain rotation, chosen at lowering (`lax.platform_dependent`) as attention does."""
     positions = positions.astype(jnp.float32)
-    return jax.lax.platform_dependent(x, positions, cpu=lambda x, p: _rotate_cpu(x, p, inv_freq, scale),
+    return jax.lax.platform_dependent(x, positions, cpu=lambda x, p: _rotate_cpu((x,), p, inv_freq, scale)[0],
                                       default=lambda x, p: _rotate_plain(x, p, inv_freq, scale))
 
 
@@ -153,27 +153,30 @@ def _rotate_plain(x, positions, inv_freq, scale):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _rotate_cpu(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: tuple[float, ...], scale: float) -> jnp.ndarray:
-    """`rotate` with its gradient written out. RePo's positions are learned: the
-    derivative of a rotation by a is the rotation by a + pi/2, so d(angle) = g2 * out1 -
-    g1 * out2 needs only the rotated output. Autodiff instead saved both halves of x and
+def _rotate_cpu(xs: tuple[jnp.ndarray, ...], positions: jnp.ndarray, inv_freq: tuple[float, ...],
+                scale: float) -> tuple[jnp.ndarray, ...]:
+    """`rotate` of each of `xs` (q and k) by the same positions, with one cos/sin table
+    and one d(position) sum for all, and the gradient written out. RePo's positions are
+    learned: the derivative of a rotation by a is the rotation by a + pi/2, so d(angle) =
+    g2 * out1 - g1 * out2 needs only the rotated output. Autodiff instead saved both halves of x and
     built d(cos) and d(sin): 3% of a RePo step's op time on XLA:CPU
     (benchmarks/profile_train_step.py). CPU only: XLA:TPU fuses autodiff's version, and
     keeping the output and the cos/sin tables raised the 1B preset's compiled
     temporaries by 0.5 GiB per chip and its estimated step by 1.7% (train.py
     --compile-only), and in bfloat16 d(angle) would come from the rounded output."""
-    return _rotate_fwd(x, positions, inv_freq, scale)[0]
+    return _rotate_fwd(xs, positions, inv_freq, scale)[0]
 
 
-def _rotate_fwd(x, positions, inv_freq, scale):
+def _rotate_fwd(xs, positions, inv_freq, scale):
     cos, sin = _cpu_tables(positions, inv_freq, scale)
-    out = _rotate(x.astype(jnp.float32), cos, sin).astype(x.dtype)
-    return out, (out, cos, sin)
+    outs = tuple(_rotate(x.astype(jnp.float32), cos, sin).astype(x.dtype) for x in xs)
+    return outs, (outs, cos, sin)
 
 
-def _rotate_bwd(inv_freq, scale, residuals, g):
-    out, cos, sin = residuals
-    return _unrotate(g, cos, sin, out.dtype), _position_grad(((g, out),), inv_freq, cos.shape[:-1])
+def _rotate_bwd(inv_freq, scale, residuals, gs):
+    outs, cos, sin = residuals
+    dxs = tuple(_unrotate(g, cos, sin, out.dtype) for g, out in zip(gs, outs))
+    return dxs, _position_grad(tuple(zip(gs, outs)), inv_freq, cos.shape[:-1])
 
 
 def _unrotate(g, cos, sin, dtype):
@@ -218,25 +221,3 @@ def _sum_to(prod, shape):
 
 _rotate_cpu.defvjp(_rotate_fwd, _rotate_bwd)
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _rotate_qk_cpu(q, k, positions, inv_freq, scale):
-    """`_rotate_cpu` of q and of k, with one table and one d(position) sum for both."""
-    return _rotate_qk_fwd(q, k, positions, inv_freq, scale)[0]
-
-
-def _rotate_qk_fwd(q, k, positions, inv_freq, scale):
-    cos, sin = _cpu_tables(positions, inv_freq, scale)
-    out_q = _rotate(q.astype(jnp.float32), cos, sin).astype(q.dtype)
-    out_k = _rotate(k.astype(jnp.float32), cos, sin).astype(k.dtype)
-    return (out_q, out_k), (out_q, out_k, cos, sin)
-
-
-def _rotate_qk_bwd(inv_freq, scale, residuals, g):
-    out_q, out_k, cos, sin = residuals
-    g_q, g_k = g
-    d_pos = _position_grad(((g_q, out_q), (g_k, out_k)), inv_freq, cos.shape[:-1])
-    return _unrotate(g_q, cos, sin, out_q.dtype), _unrotate(g_k, cos, sin, out_k.dtype), d_pos
-
-
-_rotate_qk_cpu.defvjp(_rotate_qk_fwd, _rotate_qk_bwd)

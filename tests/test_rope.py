@@ -12,8 +12,8 @@ from flax import nnx
 
 import repo_jax as rj
 
-from repo_jax.rope import (SINCOS_LIMIT, _cpu_tables, _rotate_cpu, _rotate_qk_cpu, _sincos, apply_rope,
-                           apply_rope_qk, rotate)
+from repo_jax.rope import (SINCOS_LIMIT, _cpu_tables, _rotate_cpu, _sincos, apply_rope, apply_rope_qk,
+                           rotate)
 from tests._grad_utils import assert_grads_match
 from tests.conftest import SMALL
 
@@ -26,6 +26,10 @@ def _plain(x, positions, inv_freq, scale):
     cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _rotate_one_cpu(x, positions, inv_freq, scale):
+    return _rotate_cpu((x,), positions, inv_freq, scale)[0]
 
 
 class ApplyRopeGradTest(parameterized.TestCase):
@@ -51,7 +55,7 @@ class ApplyRopeGradTest(parameterized.TestCase):
         chex.assert_type(out, dtype)
         want = jax.grad(loss(_plain), argnums=(0, 1))(x, positions)
         got = [*self.variant(jax.grad(loss(rotate), argnums=(0, 1)))(x, positions),
-               *self.variant(jax.grad(loss(_rotate_cpu), argnums=(0, 1)))(x, positions)]
+               *self.variant(jax.grad(loss(_rotate_one_cpu), argnums=(0, 1)))(x, positions)]
         assert_grads_match(got, [*want, *want], tol)
 
 
@@ -79,7 +83,7 @@ class RotateQKTest(parameterized.TestCase):
             return _plain(q, p, INV_FREQ, 1.3), _plain(k, p, INV_FREQ, 1.3)
 
         def joint(q, k, p):
-            return _rotate_qk_cpu(q, k, p, INV_FREQ, 1.3)
+            return _rotate_cpu((q, k), p, INV_FREQ, 1.3)
 
         for got, want in zip(self.variant(joint)(q, k, positions), separate(q, k, positions)):
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
